@@ -1,0 +1,100 @@
+"""Images in, normalized model input out: the official transform (ToTensor, Normalize(0.5, 0.5))."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+def _pil_to_uint8(img: Image.Image, size: int) -> np.ndarray:
+    img = img.convert("RGB")
+    w, h = img.size
+    if (w, h) != (size, size):
+        if w != h:  # shorter side to `size` (the official notebook's Resize(112)), then a centre crop
+            scale = size / min(w, h)
+            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+            w, h = img.size
+            left, top = (w - size) // 2, (h - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+        else:
+            img = img.resize((size, size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _one(item, size: int) -> torch.Tensor:
+    """One image -> (3, size, size) float32 in [0, 1]."""
+    if isinstance(item, (str, os.PathLike)):
+        path = os.fspath(item)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image file not found: {path}")
+        with Image.open(path) as img:
+            arr = _pil_to_uint8(img, size)
+    elif isinstance(item, Image.Image):
+        arr = _pil_to_uint8(item, size)
+    elif isinstance(item, np.ndarray):
+        if item.dtype != np.uint8:
+            raise TypeError(f"numpy images must be uint8 (H, W, 3) or (H, W), got dtype {item.dtype}")
+        if item.ndim == 2:
+            item = np.stack([item] * 3, axis=-1)
+        if item.ndim != 3 or item.shape[2] not in (3, 4):
+            raise ValueError(f"numpy images must have shape (H, W, 3) or (H, W), got {item.shape}")
+        arr = _pil_to_uint8(Image.fromarray(np.ascontiguousarray(item[..., :3])), size)
+    elif isinstance(item, torch.Tensor):
+        return _tensor_images(item.unsqueeze(0) if item.dim() == 3 else item, size, single=True)[0]
+    else:
+        raise TypeError(f"cannot preprocess {type(item).__name__}: expected a PIL image, a path, a uint8 numpy "
+                        f"array or a tensor")
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _tensor_images(x: torch.Tensor, size: int, single: bool = False) -> torch.Tensor:
+    """(B, 3, H, W) uint8 [0, 255] or float [0, 1] -> (B, 3, size, size) float32 in [0, 1]."""
+    if x.dim() != 4 or x.size(1) != 3:
+        want = "(3, H, W)" if single else "(B, 3, H, W) or (3, H, W)"
+        raise ValueError(f"tensor images must have shape {want} (channels first), got {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        x = x.float().div(255.0)
+    elif x.is_floating_point():
+        x = x.float()
+    else:
+        raise TypeError(f"tensor images must be uint8 or floating, got dtype {x.dtype}")
+    if tuple(x.shape[2:]) != (size, size):
+        h, w = x.shape[2:]
+        if h != w:
+            scale = size / min(h, w)
+            nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+            top, left = (nh - size) // 2, (nw - size) // 2
+            x = x[:, :, top:top + size, left:left + size]
+        else:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def preprocess(images, size: int = 112, device=None) -> torch.Tensor:
+    """Turn faces into model input: (B, 3, size, size) float32 in [-1, 1] (RGB, (x - 0.5) / 0.5).
+
+    Args:
+        images: a PIL image, an image path, a uint8 numpy array (H, W, 3), a tensor (3, H, W) or
+            (B, 3, H, W) (uint8 in [0, 255] or float in [0, 1]), or a list of these.
+            Square images of another size are resized (bilinear); non-square ones have their
+            shorter side resized to ``size`` and are centre-cropped. Faces should be aligned crops.
+        size: the model's input size.
+        device: where to put the result.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        batch = _tensor_images(images, size)
+    elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+        if len(images) == 0:
+            raise ValueError("images is an empty list")
+        batch = torch.stack([_one(item, size) for item in images])
+    else:
+        batch = _one(images, size).unsqueeze(0)
+    batch = (batch - 0.5) / 0.5
+    return batch.to(device) if device is not None else batch

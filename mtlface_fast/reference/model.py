@@ -1,0 +1,247 @@
+"""The reference MTLFace: backbone (trunk + AFD + embedding), age estimator and generator in one module.
+
+State-dict keys are the official ones under ``backbone.``, ``estimation_network.`` and ``generator.``.
+The CosFace head and the patch discriminator are training-only and live outside this module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Callable, Dict, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import atomic_write, load_state_dict_strict, load_state_file
+from ..validation import check_images, check_target_group
+from .afd import AttentionModule, check_afd_variant
+from .backbone import BACKBONE_UNITS, AIResNet, check_backbone, check_input_size
+from .heads import AgeEstimationModule, check_age_group, dex_age
+from .icm import AgingModule, check_sigma, router_windows
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_NAME = "mtlface_fast"
+
+
+class EncodeResult(NamedTuple):
+    """What :meth:`MTLFace.encode` returns."""
+    embedding: torch.Tensor      # (B, 512) identity embedding (not normalized, as the official forward)
+    age: torch.Tensor            # (B,) DEX expected age in years, float32
+    group_logits: torch.Tensor   # (B, G)
+    x_id: torch.Tensor           # (B, 512, s, s) identity features
+    x_age: torch.Tensor          # (B, 512, s, s) age features
+    age_logits: torch.Tensor     # (B, 101)
+
+
+class Features(NamedTuple):
+    """Backbone outputs the generator needs (official ``return_shortcuts`` order)."""
+    x_1: torch.Tensor
+    x_2: torch.Tensor
+    x_3: torch.Tensor
+    x_4: torch.Tensor
+    x_5: torch.Tensor
+    x_id: torch.Tensor
+    x_age: torch.Tensor
+
+
+class MTLFace(nn.Module):
+    """MTLFace (CVPR 2021): age-invariant face recognition + face age synthesis.
+
+    Args:
+        backbone: ``ir34``, ``ir50`` (default), ``ir64``, ``ir101`` or ``irse101``.
+        input_size: square input side in pixels, a multiple of 16 (112 in every official model).
+        age_group: number of age groups, 4..8 (official 7).
+        afd: AFD variant, ``"cvpr"`` (default) or ``"tpami"``.
+        sigma: fraction of an age group's ICM channels shared with the next group, in (0, 1]
+            (official CVPR code: 0.1; the paper's default: 1/8).
+        attention_layer, generator_layer: module classes to build ``backbone.fsm`` and ``generator``
+            with (the fast model injects its fused layers here; the state dict is unchanged).
+    """
+
+    def __init__(self, backbone: str = "ir50", input_size: int = 112, age_group: int = 7, afd: str = "cvpr",
+                 sigma: float = 0.1, *, attention_layer: Optional[Callable[..., nn.Module]] = None,
+                 generator_layer: Optional[Callable[..., nn.Module]] = None):
+        super().__init__()
+        check_backbone(backbone)
+        check_input_size(input_size)
+        check_age_group(age_group)
+        check_afd_variant(afd)
+        check_sigma(sigma)
+        self.config: Dict[str, Any] = dict(backbone=backbone, input_size=input_size, age_group=age_group,
+                                           afd=afd, sigma=float(sigma))
+        self.backbone = AIResNet(input_size, backbone, afd, attention_layer=attention_layer or AttentionModule)
+        self.estimation_network = AgeEstimationModule(input_size, age_group)
+        self.generator = (generator_layer or AgingModule)(age_group, 4, sigma)
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def input_size(self) -> int:
+        return self.config["input_size"]
+
+    @property
+    def age_group(self) -> int:
+        return self.config["age_group"]
+
+    def _param(self) -> torch.Tensor:
+        return next(self.parameters())
+
+    def _check(self, images: torch.Tensor) -> torch.Tensor:
+        p = self._param()
+        return check_images(images, input_size=self.input_size, device=p.device, dtype=p.dtype)
+
+    # -- recognition ---------------------------------------------------------------------------------
+    def features(self, images: torch.Tensor) -> Features:
+        """Trunk + AFD: the seven tensors of the official ``return_shortcuts`` forward."""
+        images = self._check(images)
+        x_1, x_2, x_3, x_4, x_5 = self.backbone.trunk(images)
+        x_id, x_age = self.backbone.fsm(x_5)
+        return Features(x_1, x_2, x_3, x_4, x_5, x_id, x_age)
+
+    def encode(self, images: torch.Tensor) -> EncodeResult:
+        """Identity embedding, expected age and group logits (and the decomposed features)."""
+        f = self.features(images)
+        embedding = self.backbone.output_layer(f.x_id)
+        age_logits, group_logits = self.estimation_network(f.x_age)
+        return EncodeResult(embedding, dex_age(age_logits), group_logits, f.x_id, f.x_age, age_logits)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalized images -> (B, 512) identity embedding."""
+        f = self.features(images)
+        return self.backbone.output_layer(f.x_id)
+
+    # -- synthesis ----------------------------------------------------------------------------------
+    def _generate(self, images: torch.Tensor, f: Features, groups: torch.Tensor) -> torch.Tensor:
+        return self.generator(images, f.x_1, f.x_2, f.x_3, f.x_4, f.x_5, f.x_id, f.x_age, groups)
+
+    def synthesize(self, images: torch.Tensor, target_group) -> torch.Tensor:
+        """Re-render each face at ``target_group`` (int, or LongTensor (B,)): (B, 3, H, W)."""
+        f = self.features(images)
+        groups = check_target_group(target_group, batch=images.size(0), age_group=self.age_group,
+                                    device=images.device)
+        return self._generate(images, f, groups)
+
+    def synthesize_all_ages(self, images: torch.Tensor) -> torch.Tensor:
+        """Every age group for every face, encoder run once: (B, G, 3, H, W)."""
+        f = self.features(images)
+        outs = []
+        for g in range(self.age_group):
+            groups = torch.full((images.size(0),), g, dtype=torch.long, device=images.device)
+            outs.append(self._generate(images, f, groups))
+        return torch.stack(outs, dim=1)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def save_pretrained(self, path: str) -> str:
+        """Write ``config.json`` and ``model.safetensors`` into the folder ``path`` (atomically)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        config = dict(format=FORMAT_NAME, arch="cvpr", **self.config)
+        atomic_write(os.path.join(path, WEIGHTS_FILE), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        atomic_write(os.path.join(path, CONFIG_FILE),
+                     lambda tmp: open(tmp, "w").write(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str, map_location="cpu", **kwargs):
+        """Load a folder written by :meth:`save_pretrained` (strict: every key must match)."""
+        from safetensors.torch import load_file
+
+        cfg_path, w_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
+        for p in (cfg_path, w_path):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"not a saved MTLFace folder: {p} is missing")
+        with open(cfg_path) as fh:
+            config = json.load(fh)
+        if config.pop("format", None) != FORMAT_NAME:
+            raise ValueError(f"{cfg_path} was not written by save_pretrained (no format={FORMAT_NAME!r})")
+        config.pop("arch", None)
+        model = cls(**config, **kwargs)
+        load_state_dict_strict(model, load_file(w_path, device=str(map_location)), what=w_path)
+        return model
+
+    @classmethod
+    def from_official(cls, backbone_ckpt, generator_ckpt=None, estimation_ckpt=None, *, sigma: Optional[float] = None,
+                      **kwargs):
+        """Load the official CVPR training code's per-module checkpoints.
+
+        Args:
+            backbone_ckpt: the ``backbone-{iter}`` file (or a state dict); ``module.`` prefixes are stripped.
+                Backbone variant, AFD variant and input size are read from its keys and shapes.
+            generator_ckpt: the ``generator-{iter}`` file, optional (else the generator keeps its init).
+            estimation_ckpt: the ``estimation_network-{iter}`` file, optional.
+            sigma: the ICM overlap; read from the generator's router windows when omitted.
+        """
+        bb = load_state_file(backbone_ckpt, "backbone checkpoint")
+        if any(k.startswith(("encoder.", "decoder.", "age_estimator.")) for k in bb):
+            raise ValueError("this is the TPAMI release checkpoint (encoder./decoder./age_estimator. keys), "
+                             "not a CVPR backbone checkpoint")
+        config = infer_backbone_config(bb)
+        gen = load_state_file(generator_ckpt, "generator checkpoint") if generator_ckpt is not None else None
+        est = load_state_file(estimation_ckpt, "estimation checkpoint") if estimation_ckpt is not None else None
+        age_group, found_sigma = 7, 0.1
+        if gen is not None:
+            age_group, found_sigma = infer_router_config(gen)
+        elif est is not None and "group_output_layer.weight" in est:
+            age_group = est["group_output_layer.weight"].shape[0]
+        if sigma is None:
+            sigma = found_sigma
+        config.update(age_group=age_group, sigma=sigma)
+        config.update(kwargs.pop("config", {}))
+        model = cls(**config, **kwargs)
+        load_state_dict_strict(model.backbone, bb, what="backbone checkpoint")
+        if gen is not None:
+            load_state_dict_strict(model.generator, gen, what="generator checkpoint")
+        else:
+            warnings.warn("from_official: no generator checkpoint given; synthesize() uses untrained weights")
+        if est is not None:
+            load_state_dict_strict(model.estimation_network, est, what="estimation checkpoint")
+        else:
+            warnings.warn("from_official: no estimation checkpoint given; ages come from untrained weights")
+        return model
+
+
+def infer_backbone_config(state: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """Backbone name, AFD variant and input size from an official backbone state dict."""
+    if "input_layer.0.weight" not in state or "fsm.channel.0.weight" not in state:
+        raise ValueError("not an MTLFace backbone checkpoint: input_layer.0.weight / fsm.channel.0.weight missing")
+    units = []
+    for k in range(1, 5):
+        idx = {int(key.split(".")[1]) for key in state if key.startswith(f"block{k}.")}
+        units.append(max(idx) + 1 if idx else 0)
+    se = any(".res_layer.6." in key for key in state)
+    name = next((n for n, (u, mode) in BACKBONE_UNITS.items() if tuple(units) == u and (mode == "ir_se") == se), None)
+    if name is None:
+        raise ValueError(f"unknown backbone layout: units per stage {units}, SE={se}")
+    pooled = state["fsm.channel.0.weight"].shape[1]
+    afd = {512 * 14: "cvpr", 512 * 28: "tpami"}.get(pooled)
+    if afd is None:
+        raise ValueError(f"unknown AFD variant: fsm.channel.0.weight has {pooled} input channels")
+    side2 = state["output_layer.3.weight"].shape[1] // 512
+    side = int(round(side2 ** 0.5))
+    return dict(backbone=name, afd=afd, input_size=side * 16)
+
+
+def infer_router_config(state: Dict[str, torch.Tensor], prefix: str = "router._unit_mapping"):
+    """(age_group, sigma) that reproduce a generator's router windows exactly."""
+    if prefix not in state:
+        raise ValueError(f"not an MTLFace generator checkpoint: {prefix} missing")
+    mapping = state[prefix]
+    groups, conv_dim = mapping.shape
+    unit = int(mapping[0].sum().item())
+    if groups == 1:
+        return groups, 0.1
+    step = int(mapping[1].nonzero()[0].item())
+    for cand in (0.1, 1 / 8, 1 - step / unit, 1 - (step + 0.5) / unit):
+        if not 0 < cand <= 1:
+            continue
+        dim, starts = router_windows(unit, groups, cand)
+        expect = torch.zeros(groups, dim)
+        for g, s in enumerate(starts):
+            expect[g, s:s + unit] = 1
+        if dim == conv_dim and torch.equal(expect, mapping.float().cpu()):
+            return groups, cand
+    raise ValueError(f"could not find a sigma that reproduces the router windows of {prefix} {tuple(mapping.shape)}")
