@@ -1,0 +1,52 @@
+"""The ``mtlface-fast`` command: ``demo`` (and the tools that register themselves below)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="encode a face and render it at every age group (PNG grid + JSON)",
+                       description="Encode a face and render it at every age group. Without --weights the model "
+                                   "is a seeded random initialization (said plainly in the output).")
+    p.add_argument("--image", help="face image (an aligned crop works best); default: a face from scikit-image")
+    p.add_argument("--weights", help="a folder written by save_pretrained, or an official backbone checkpoint")
+    p.add_argument("--generator", help="official generator checkpoint (with an official --weights)")
+    p.add_argument("--estimator", help="official estimation-network checkpoint (with an official --weights)")
+    p.add_argument("--backbone", default="ir50", help="backbone of the random model when no --weights (ir50)")
+    p.add_argument("--out", default="demo_out", help="output folder (demo_out)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialization (0)")
+
+    def run(args):
+        from .demo import run_demo
+        run_demo(args.image, args.out, args.weights, args.generator, args.estimator, args.backbone, args.device,
+                 args.seed)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtlface-fast", description="Fast MTLFace: age-invariant face "
+                                     "recognition and face age synthesis.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"mtlface-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_demo(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+        print(f"mtlface-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Install mtlface_fast. The Triton kernels in kernels/ ship inside the package as ``mtlface_fast.kernels``."""
+import os
+import re
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def version():
+    with open(os.path.join(HERE, "mtlface_fast", "__init__.py")) as fh:
+        return re.search(r'^__version__ = "([^"]+)"', fh.read(), re.M).group(1)
+
+
+def long_description():
+    path = os.path.join(HERE, "README.md")
+    return open(path, encoding="utf-8").read() if os.path.isfile(path) else ""
+
+
+packages = find_packages(include=["mtlface_fast", "mtlface_fast.*"]) + ["mtlface_fast.kernels"]
+
+setup(
+    name="mtlface-fast",
+    version=version(),
+    description="Fast, exact and deployable MTLFace: age-invariant face recognition and face age synthesis "
+                "with fused Triton kernels",
+    long_description=long_description(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=packages,
+    package_dir={"mtlface_fast.kernels": "kernels"},
+    include_package_data=False,
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy",
+        "Pillow",
+        "tqdm",
+        "nvtx",
+        "safetensors",
+        "scikit-image",  # the demo's default face (bundled sample data, no download)
+    ],
+    extras_require={
+        "test": ["pytest", "onnx", "onnxruntime", "onnxscript", "PyYAML"],
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],
+        "trt": ["torch-tensorrt"],
+    },
+    entry_points={"console_scripts": ["mtlface-fast = mtlface_fast.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+    ],
+)
