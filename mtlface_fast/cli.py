@@ -27,6 +27,19 @@ def _add_demo(sub):
     p.set_defaults(func=run)
 
 
+def _add_bench(sub):
+    from .throughput import __doc__ as doc, add_arguments
+    p = sub.add_parser("bench", help="whole-model throughput vs the reference (JSON + PNG under bench/results)",
+                       description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    add_arguments(p)
+
+    def run(args):
+        from .throughput import execute
+        return execute(args)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtlface-fast", description="Fast MTLFace: age-invariant face "
                                      "recognition and face age synthesis.")
@@ -35,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_demo(sub)
+    _add_bench(sub)
     return parser
 
 

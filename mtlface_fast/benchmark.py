@@ -1,0 +1,85 @@
+"""Benchmark plumbing shared by bench/throughput.py, bench/kernels.py and ``mtlface-fast bench``:
+timing, environment, JSON."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# bench/results in a checkout; ./bench_results when run from an install.
+RESULTS_DIR = (os.path.join(_REPO, "bench", "results") if os.path.isdir(os.path.join(_REPO, "bench"))
+               else os.path.join(os.getcwd(), "bench_results"))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def environment(device: str) -> Dict[str, str]:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit(),
+           "host_cpu": platform.processor() or platform.machine(), "threads": str(torch.get_num_threads())}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = "not installed"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name(torch.device(device))
+        env["cuda"] = torch.version.cuda or ""
+    else:
+        env["device"] = f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+    return env
+
+
+def time_fn(fn: Callable[[], object], device: str, warmup: int = 3, iters: int = 10,
+            min_time_s: float = 0.0) -> Dict[str, float]:
+    """Median and quantiles of ``fn``'s wall time in ms (CUDA events on GPU, perf_counter on CPU)."""
+    cuda = device.startswith("cuda")
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times: List[float] = []
+    start_all = time.perf_counter()
+    while len(times) < iters or (time.perf_counter() - start_all) < min_time_s:
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 10 * iters:
+            break
+    times.sort()
+    q = lambda p: times[min(len(times) - 1, int(p * (len(times) - 1) + 0.5))]  # noqa: E731
+    return {"median_ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "min_ms": times[0],
+            "iters": len(times)}
+
+
+def write_results(name: str, payload: Dict, results_dir: str = RESULTS_DIR) -> str:
+    """Write ``payload`` as JSON under bench/results/<name>-<utc stamp>.json and return the path."""
+    os.makedirs(results_dir, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = os.path.join(results_dir, f"{name}-{stamp}.json")
+    with open(path, "w") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    return path

@@ -1,0 +1,255 @@
+"""Whole-model throughput: ``python bench/throughput.py`` / ``mtlface-fast bench``.
+
+Tasks: ``encode`` (embedding + age), ``synthesize`` (one target group), ``synthesize_all`` (every group)
+and ``train_step`` (one AIFR SGD step: CosFace + age + GRL domain-adaptation losses). Variants, all in
+one process on the same weights and inputs:
+
+* ``reference``           -- the reference model, eager, fp32
+* ``reference_autocast``  -- the reference under ``torch.autocast`` (``--dtype``)
+* ``reference_compile``   -- ``torch.compile`` of the reference (with autocast when ``--dtype`` is not fp32)
+* ``ours``                -- ``mtlface_fast.MTLFace`` (``--dtype`` via autocast)
+* ``ours_compile``        -- ``torch.compile`` of ours
+* ``ours_cudagraphs``     -- ours compiled with CUDA graphs (``mode="reduce-overhead"``; CUDA only)
+* ``reference_x7``        -- (``synthesize_all`` only) seven ``synthesize`` calls of the reference
+
+Each is warmed up, then timed (CUDA events on GPU, wall clock on CPU); the JSON under bench/results/
+holds medians and quantiles, images/s, ratios to the reference variants and peak memory, and a PNG bar
+chart is written beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import sys
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from .benchmark import RESULTS_DIR, environment, time_fn, write_results
+
+TASKS = ("encode", "synthesize", "synthesize_all", "train_step")
+VARIANTS = ("reference", "reference_autocast", "reference_compile", "reference_x7", "ours", "ours_compile",
+            "ours_cudagraphs")
+CPU_DEFAULT_VARIANTS = ("reference", "reference_x7", "ours")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(device: str, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def _aifr_step_fn(model, head, da_head, optimizer, x, ids, ages, amp_dtype, device):
+    """One AIFR step as the official recipe: id + 0.001 age + 0.002 domain-adaptation loss, SGD."""
+    from .reference.heads import age2group, dex_age, grad_reverse
+
+    groups = age2group(ages, model.age_group)
+
+    def age_loss(net, feat):
+        logits, group_logits = net(feat)
+        return F.mse_loss(dex_age(logits), ages) + F.cross_entropy(group_logits.float(), groups)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, amp_dtype):
+            f = model.features(x)
+            emb = model.backbone.output_layer(f.x_id)
+        loss = (F.cross_entropy(head(emb.float(), ids), ids) + 0.001 * age_loss(model.estimation_network,
+                f.x_age.float()) + 0.002 * age_loss(da_head, grad_reverse(f.x_id.float())))
+        loss.backward()
+        optimizer.step()
+        return loss
+    return step
+
+
+def build_cases(task: str, variant: str, models: Dict[str, torch.nn.Module], x: torch.Tensor, dtype: torch.dtype,
+                device: str, age_group: int):
+    """A zero-argument callable that runs one iteration of ``task`` with ``variant``."""
+    base = "reference" if variant.startswith("reference") else "ours"
+    model = models[base]
+    amp = dtype if variant not in ("reference",) else torch.float32
+    target = torch.arange(x.size(0), device=x.device) % age_group
+    if task == "train_step":
+        from .reference.heads import AgeEstimationModule, CosFace
+        torch.manual_seed(0)
+        head = CosFace(512, 1000).to(device)
+        da = AgeEstimationModule(model.input_size, age_group).to(device)
+        params = list(model.backbone.parameters()) + list(model.estimation_network.parameters()) + \
+            list(head.parameters()) + list(da.parameters())
+        opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        ids = torch.randint(0, 1000, (x.size(0),), device=device)
+        ages = torch.rand(x.size(0), device=device) * 80 + 5
+        model.train()
+        return _aifr_step_fn(model, head, da, opt, x, ids, ages, amp, device)
+    model.eval()
+    if task == "encode":
+        fn = lambda inp: model.encode(inp)  # noqa: E731
+    elif task == "synthesize":
+        fn = lambda inp: model.synthesize(inp, target)  # noqa: E731
+    elif variant == "reference_x7":
+        fn = lambda inp: [model.synthesize(inp, g) for g in range(age_group)]  # noqa: E731
+    else:
+        fn = lambda inp: model.synthesize_all_ages(inp)  # noqa: E731
+    if variant.endswith("_compile"):
+        fn = torch.compile(fn)
+    elif variant == "ours_cudagraphs":
+        fn = torch.compile(fn, mode="reduce-overhead")
+
+    def run():
+        with torch.inference_mode(), _autocast(device, amp):
+            return fn(x)
+    return run
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # process peak RSS (Linux: KiB)
+
+
+def plot(payload: Dict, path: str) -> str:
+    """Horizontal bars of images/s per task and variant, drawn with Pillow."""
+    from PIL import Image, ImageDraw
+    rows = [(r["task"], r["batch"], r["variant"], r["images_per_s"]) for r in payload["results"]]
+    if not rows:
+        return ""
+    width, bar_h, left = 900, 16, 300
+    img = Image.new("RGB", (width, 40 + bar_h * len(rows) + 8 * len({(t, b) for t, b, _, _ in rows})), "white")
+    d = ImageDraw.Draw(img)
+    d.text((8, 8), f"mtlface_fast throughput, {payload['env']['device']}, {payload['settings']['dtype']}",
+           fill="black")
+    y, last, best = 32, None, {}
+    for t, b, _, ips in rows:
+        best[(t, b)] = max(best.get((t, b), 0.0), ips)
+    for t, b, v, ips in rows:
+        if (t, b) != last:
+            y += 8
+            last = (t, b)
+        frac = ips / best[(t, b)] if best[(t, b)] else 0
+        d.text((8, y + 2), f"{t} B={b} {v}", fill="black")
+        d.rectangle([left, y + 2, left + int(frac * (width - left - 120)), y + bar_h - 2],
+                    fill=(40, 110, 200) if v.startswith("ours") else (160, 160, 160))
+        d.text((left + int(frac * (width - left - 120)) + 6, y + 2), f"{ips:.1f} img/s", fill="black")
+        y += bar_h
+    img.save(path)
+    return path
+
+
+def run(args) -> Dict:
+    from . import reference
+    from .model import MTLFace
+
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but CUDA is not available")
+    dtype = DTYPES[args.dtype]
+    tasks = [t.strip() for t in args.tasks.split(",")]
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"unknown task {t!r}; choose from {TASKS}")
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else list(
+        CPU_DEFAULT_VARIANTS if not device.startswith("cuda") else
+        ("reference", "reference_autocast", "reference_compile", "reference_x7", "ours", "ours_compile",
+         "ours_cudagraphs"))
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; choose from {VARIANTS}")
+    batches = [int(b) for b in str(args.batch).split(",")]
+    torch.manual_seed(args.seed)
+    ref_model = reference.MTLFace(backbone=args.backbone, input_size=args.input_size, age_group=args.age_group)
+    ours = MTLFace(backbone=args.backbone, input_size=args.input_size, age_group=args.age_group)
+    ours.load_state_dict(ref_model.state_dict())
+    models = {"reference": ref_model.to(device), "ours": ours.to(device)}
+    initial = {k: v.detach().clone() for k, v in ref_model.state_dict().items()}
+
+    cases = [(t, b, v) for t in tasks for b in batches for v in variants
+             if not (v == "reference_x7" and t != "synthesize_all")
+             and not (v == "ours_cudagraphs" and not device.startswith("cuda"))]
+    results: List[Dict] = []
+    try:
+        from tqdm import tqdm
+        bar = tqdm(cases, desc="throughput", unit="case", file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        bar = cases
+    for task, batch, variant in bar:
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"{task} B={batch} {variant}")
+        for m in models.values():  # every variant starts from the same weights
+            m.load_state_dict(initial)
+        g = torch.Generator().manual_seed(args.seed + batch)
+        x = torch.randn(batch, 3, args.input_size, args.input_size, generator=g).clamp_(-1, 1).to(device)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            fn = build_cases(task, variant, models, x, dtype, device, args.age_group)
+            stats = time_fn(fn, device, warmup=args.warmup, iters=args.iters)
+        except Exception as exc:  # a variant that cannot run here is recorded, not fatal
+            results.append(dict(task=task, batch=batch, variant=variant, error=f"{type(exc).__name__}: {exc}"))
+            continue
+        per = batch * (args.age_group if task == "synthesize_all" else 1)
+        results.append(dict(task=task, batch=batch, variant=variant, images_per_s=per / (stats["median_ms"] / 1e3),
+                            peak_memory_mb=round(_peak_memory_mb(device), 1), **stats))
+    for r in results:  # ratios against the reference variants of the same task and batch
+        for base in ("reference", "reference_autocast", "reference_compile", "reference_x7"):
+            other = next((o for o in results if o["task"] == r["task"] and o["batch"] == r["batch"]
+                          and o["variant"] == base and "median_ms" in o), None)
+            if other and "median_ms" in r:
+                r[f"speedup_vs_{base}"] = round(other["median_ms"] / r["median_ms"], 3)
+    return {"benchmark": "throughput", "env": environment(device),
+            "settings": dict(device=device, dtype=args.dtype, backbone=args.backbone, input_size=args.input_size,
+                             age_group=args.age_group, batches=batches, tasks=tasks, variants=variants,
+                             warmup=args.warmup, iters=args.iters,
+                             backend=os.environ.get("MTLFACE_FAST_BACKEND", "auto")),
+            "results": results}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
+    p.add_argument("--batch", default=None, help="comma-separated batch sizes (cpu: 8; cuda: 1,64,256)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype of the fast/autocast "
+                   "variants (fp32)")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {TASKS}")
+    p.add_argument("--variants", default=None, help=f"comma-separated subset of {VARIANTS} (cpu default: "
+                   f"{','.join(CPU_DEFAULT_VARIANTS)}; cuda: all)")
+    p.add_argument("--backbone", default="ir50")
+    p.add_argument("--input-size", type=int, default=112)
+    p.add_argument("--age-group", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (cpu 1, cuda 5)")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations (cpu 3, cuda 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON and PNG (bench/results)")
+    p.add_argument("--no-save", action="store_true", help="print only")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="throughput", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_arguments(p)
+    return execute(p.parse_args(argv))
+
+
+def execute(args) -> int:
+    """Run the benchmark for parsed arguments (see :func:`add_arguments`), print a table, write JSON + PNG."""
+    cuda = args.device.startswith("cuda")
+    args.batch = args.batch or ("1,64,256" if cuda else "8")
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    args.iters = args.iters if args.iters is not None else (20 if cuda else 3)
+    payload = run(args)
+    print(f"{'task':15s} {'B':>4s} {'variant':20s} {'median ms':>10s} {'img/s':>9s}  speedup vs reference")
+    for r in payload["results"]:
+        if "error" in r:
+            print(f"{r['task']:15s} {r['batch']:4d} {r['variant']:20s} error: {r['error'][:80]}")
+            continue
+        sp = r.get("speedup_vs_reference", r.get("speedup_vs_reference_x7", ""))
+        print(f"{r['task']:15s} {r['batch']:4d} {r['variant']:20s} {r['median_ms']:10.1f} {r['images_per_s']:9.2f}"
+              f"  {sp}")
+    if not args.no_save:
+        tag = "cuda" if cuda else "cpu"
+        path = write_results(f"throughput-{tag}-{args.dtype}", payload, args.out)
+        png = plot(payload, path[:-5] + ".png")
+        print("wrote", path, png)
+    return 0
