@@ -1,13 +1,77 @@
 """The fast MTLFace: the reference module tree with fast layers injected (same API, same state dict).
 
-The fused AFD and ICM layers plug in through the reference constructor's ``attention_layer`` and
-``generator_layer`` arguments; which implementation runs is chosen by the backend switch
-(:mod:`mtlface_fast.backend`).
+Layers injected through the reference constructor (see :mod:`mtlface_fast.layers`):
+``block_layer`` (trunk units with BN folded at inference), and the fused AFD / ICM layers when they are
+available. Which implementation of a fused op runs is chosen by the backend switch
+(:mod:`mtlface_fast.backend`). Inference runs channels_last (convolutions are faster in that layout on
+CPU and GPU); NVTX ranges mark backbone, AFD, heads, ICM and decoder when enabled
+(:mod:`mtlface_fast.nvtx`). Mixed precision is the caller's choice: ``torch.autocast`` around the calls,
+or ``model.to(torch.bfloat16)`` with bf16 images.
 """
 from __future__ import annotations
 
+import torch
+
+from . import layers
+from .nvtx import nvtx_range
+from .reference.heads import dex_age
+from .reference.model import EncodeResult, Features
 from .reference.model import MTLFace as ReferenceMTLFace
 
 
 class MTLFace(ReferenceMTLFace):
-    """Drop-in fast MTLFace; see :class:`mtlface_fast.reference.MTLFace` for the arguments and API."""
+    """Drop-in fast MTLFace; see :class:`mtlface_fast.reference.MTLFace` for the arguments and API.
+
+    Extra keyword: ``channels_last`` (default True): run convolutions in channels_last layout.
+    """
+
+    def __init__(self, backbone: str = "ir50", input_size: int = 112, age_group: int = 7, afd: str = "cvpr",
+                 sigma: float = 0.1, *, channels_last: bool = True, **kwargs):
+        kwargs.setdefault("block_layer", layers.FastBottleneckIR)
+        if getattr(layers, "FusedAttentionModule", None) is not None:
+            kwargs.setdefault("attention_layer", layers.FusedAttentionModule)
+        if getattr(layers, "CompactAgingModule", None) is not None:
+            kwargs.setdefault("generator_layer", layers.CompactAgingModule)
+        super().__init__(backbone, input_size, age_group, afd, sigma, **kwargs)
+        self.channels_last = channels_last
+
+    def features(self, images: torch.Tensor) -> Features:
+        images = self._check(images)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with nvtx_range("backbone"):
+            x_1, x_2, x_3, x_4, x_5 = self.backbone.trunk(images)
+        with nvtx_range("afd"):
+            x_id, x_age = self.backbone.fsm(x_5)
+        # The heads flatten x_id / x_age (and dropout draws its mask in memory order): hand them over in
+        # the reference's NCHW layout so that a seeded training step draws the same mask.
+        x_id, x_age = x_id.contiguous(), x_age.contiguous()
+        return Features(x_1, x_2, x_3, x_4, x_5, x_id, x_age)
+
+    def encode(self, images: torch.Tensor) -> EncodeResult:
+        f = self.features(images)
+        with nvtx_range("heads"):
+            embedding = self.backbone.output_layer(f.x_id)
+            age_logits, group_logits = self.estimation_network(f.x_age)
+        return EncodeResult(embedding, dex_age(age_logits), group_logits, f.x_id, f.x_age, age_logits)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        f = self.features(images)
+        with nvtx_range("heads"):
+            return self.backbone.output_layer(f.x_id)
+
+    def _generate(self, images: torch.Tensor, f: Features, groups: torch.Tensor) -> torch.Tensor:
+        with nvtx_range("icm"):
+            x = self.generator.icm(f.x_id, groups)
+        with nvtx_range("decoder"):
+            return self.generator.decode(x, images, f.x_2, f.x_3, f.x_4)
+
+    def synthesize_all_ages(self, images: torch.Tensor) -> torch.Tensor:
+        """Every age group, encoder once, the generator once on a batch of B*G: (B, G, 3, H, W)."""
+        f = self.features(images)
+        B, G = images.size(0), self.age_group
+        rep = lambda t: t.repeat_interleave(G, dim=0)  # noqa: E731  (sample-major: b0g0, b0g1, ...)
+        groups = torch.arange(G, device=images.device).repeat(B)
+        fr = Features(*(rep(t) if t is not None else None for t in f))
+        out = self._generate(rep(images), fr, groups)
+        return out.view(B, G, *out.shape[1:])

@@ -68,9 +68,8 @@ class BottleneckIR(nn.Module):
         return self.res_layer(x) + self.shortcut_layer(x)
 
 
-def _stage(in_channel: int, depth: int, units: int, se: bool) -> nn.Sequential:
-    return nn.Sequential(BottleneckIR(in_channel, depth, 2, se),
-                         *[BottleneckIR(depth, depth, 1, se) for _ in range(units - 1)])
+def _stage(in_channel: int, depth: int, units: int, se: bool, block=BottleneckIR) -> nn.Sequential:
+    return nn.Sequential(block(in_channel, depth, 2, se), *[block(depth, depth, 1, se) for _ in range(units - 1)])
 
 
 class AIResNet(nn.Module):
@@ -81,21 +80,24 @@ class AIResNet(nn.Module):
         backbone: one of ``ir34, ir50, ir64, ir101, irse101``.
         afd: ``"cvpr"`` or ``"tpami"`` AFD variant.
         attention_layer: the AFD module class (fast implementations inject theirs here).
+        block_layer: the residual unit class, ``BottleneckIR`` or a subclass with the same keys.
         dropout: output-layer dropout (0.5 in the CVPR code, 0.4 in the TPAMI one).
     """
 
     def __init__(self, input_size: int = 112, backbone: str = "ir50", afd: str = "cvpr",
-                 attention_layer: Optional[Callable[..., nn.Module]] = None, dropout: float = 0.5):
+                 attention_layer: Optional[Callable[..., nn.Module]] = None, dropout: float = 0.5,
+                 block_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
         units, mode = BACKBONE_UNITS[check_backbone(backbone)]
         self.input_size = check_input_size(input_size)
         self.backbone_name, self.afd = backbone, check_afd_variant(afd)
         se = mode == "ir_se"
         self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
-        self.block1 = _stage(64, 64, units[0], se)
-        self.block2 = _stage(64, 128, units[1], se)
-        self.block3 = _stage(128, 256, units[2], se)
-        self.block4 = _stage(256, 512, units[3], se)
+        block = block_layer or BottleneckIR
+        self.block1 = _stage(64, 64, units[0], se, block)
+        self.block2 = _stage(64, 128, units[1], se, block)
+        self.block3 = _stage(128, 256, units[2], se, block)
+        self.block4 = _stage(256, 512, units[3], se, block)
         # Registered before fsm, as in the official class (output_layer comes first in the state dict).
         side = input_size // 16
         self.output_layer = nn.Sequential(nn.BatchNorm2d(512), nn.Dropout(dropout), nn.Flatten(),

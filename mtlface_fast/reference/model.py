@@ -57,13 +57,15 @@ class MTLFace(nn.Module):
         afd: AFD variant, ``"cvpr"`` (default) or ``"tpami"``.
         sigma: fraction of an age group's ICM channels shared with the next group, in (0, 1]
             (official CVPR code: 0.1; the paper's default: 1/8).
-        attention_layer, generator_layer: module classes to build ``backbone.fsm`` and ``generator``
-            with (the fast model injects its fused layers here; the state dict is unchanged).
+        attention_layer, generator_layer, block_layer: module classes to build ``backbone.fsm``,
+            ``generator`` and the backbone's residual units with (the fast model injects its fused layers
+            here; the state dict is unchanged).
     """
 
     def __init__(self, backbone: str = "ir50", input_size: int = 112, age_group: int = 7, afd: str = "cvpr",
                  sigma: float = 0.1, *, attention_layer: Optional[Callable[..., nn.Module]] = None,
-                 generator_layer: Optional[Callable[..., nn.Module]] = None):
+                 generator_layer: Optional[Callable[..., nn.Module]] = None,
+                 block_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
         check_backbone(backbone)
         check_input_size(input_size)
@@ -72,7 +74,8 @@ class MTLFace(nn.Module):
         check_sigma(sigma)
         self.config: Dict[str, Any] = dict(backbone=backbone, input_size=input_size, age_group=age_group,
                                            afd=afd, sigma=float(sigma))
-        self.backbone = AIResNet(input_size, backbone, afd, attention_layer=attention_layer or AttentionModule)
+        self.backbone = AIResNet(input_size, backbone, afd, attention_layer=attention_layer or AttentionModule,
+                                 block_layer=block_layer)
         self.estimation_network = AgeEstimationModule(input_size, age_group)
         self.generator = (generator_layer or AgingModule)(age_group, 4, sigma)
 

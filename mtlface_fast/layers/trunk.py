@@ -1,0 +1,100 @@
+"""Fast IResNet unit: same keys and training behaviour as the reference, BatchNorm folded at inference.
+
+* Shortcut ``MaxPool2d(1, s)`` is a strided view (``x[:, :, ::s, ::s]``; identity for s = 1) instead of
+  a pooling kernel: same values, same gradients.
+* In eval mode the BN after each convolution is folded into that convolution (weight * gamma / std,
+  bias beta - mean * gamma / std). The folded weights are cached and rebuilt when any parameter or
+  statistic changes (tensor version counters); when gradients are wanted for the parameters the fold is
+  computed inline so that gradients flow to the original parameters. The leading BN stays a per-channel
+  affine: folding it into a zero-padded 3x3 convolution would be wrong at the borders.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..reference.backbone import BottleneckIR
+
+
+def fold_bn(weight: torch.Tensor, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight', bias') of ``bn(conv(x, weight))`` as one convolution, in fp32 (eval statistics)."""
+    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+    w = weight.float() * scale.view(-1, *([1] * (weight.dim() - 1)))
+    b = bn.bias.float() - bn.running_mean.float() * scale
+    return w, b
+
+
+def bn_affine(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) of an eval-mode BatchNorm, fp32."""
+    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+    return scale, bn.bias.float() - bn.running_mean.float() * scale
+
+
+class FoldCache:
+    """Memoizes a function of a module's tensors, recomputed when any of them changes."""
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+
+    @staticmethod
+    def key_of(module: nn.Module):
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in
+                     list(module.parameters()) + list(module.buffers()))
+
+    def get(self, module: nn.Module, build):
+        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+        if wants_grad or torch.compiler.is_compiling():
+            return build()  # differentiable / traceable: no cached tensors
+        key = self.key_of(module)
+        if key != self._key:
+            with torch.no_grad():
+                self._value = build()
+            self._key = key
+        return self._value
+
+
+class FastBottleneckIR(BottleneckIR):
+    """Drop-in :class:`BottleneckIR` (same state dict) with BN folding at inference."""
+
+    def __init__(self, in_channel: int, depth: int, stride: int, se: bool = False):
+        super().__init__(in_channel, depth, stride, se)
+        self.stride = stride
+        self._fold = FoldCache()
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.shortcut_layer, nn.MaxPool2d):
+            return x if self.stride == 1 else x[:, :, ::self.stride, ::self.stride]
+        return self.shortcut_layer(x)
+
+    def _build(self) -> Dict[str, torch.Tensor]:
+        r = self.res_layer
+        s0, t0 = bn_affine(r[0])
+        w1, b1 = fold_bn(r[1].weight, r[2])
+        w2, b2 = fold_bn(r[4].weight, r[5])
+        out = dict(s0=s0, t0=t0, w1=w1, b1=b1, w2=w2, b2=b2)
+        if not isinstance(self.shortcut_layer, nn.MaxPool2d):
+            out["ws"], out["bs"] = fold_bn(self.shortcut_layer[0].weight, self.shortcut_layer[1])
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self.res_layer(x) + self._shortcut(x)
+        p = self._fold.get(self, self._build)
+        dt = x.dtype if not torch.is_autocast_enabled(x.device.type) else \
+            torch.get_autocast_dtype(x.device.type)
+        r = self.res_layer
+        y = x * p["s0"].to(x.dtype).view(1, -1, 1, 1) + p["t0"].to(x.dtype).view(1, -1, 1, 1)
+        y = F.conv2d(y, p["w1"].to(dt), p["b1"].to(dt), 1, 1)
+        y = r[3](y)
+        y = F.conv2d(y, p["w2"].to(dt), p["b2"].to(dt), self.stride, 1)
+        if len(r) > 6:
+            y = r[6](y)
+        if "ws" in p:
+            sc = F.conv2d(x, p["ws"].to(dt), p["bs"].to(dt), self.stride)
+        else:
+            sc = self._shortcut(x)
+        return y + sc
