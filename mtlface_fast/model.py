@@ -5,10 +5,14 @@ Layers injected through the reference constructor (see :mod:`mtlface_fast.layers
 available. Which implementation of a fused op runs is chosen by the backend switch
 (:mod:`mtlface_fast.backend`). Inference runs channels_last (convolutions are faster in that layout on
 CPU and GPU); NVTX ranges mark backbone, AFD, heads, ICM and decoder when enabled
-(:mod:`mtlface_fast.nvtx`). Mixed precision is the caller's choice: ``torch.autocast`` around the calls,
-or ``model.to(torch.bfloat16)`` with bf16 images.
+(:mod:`mtlface_fast.nvtx`). Mixed precision is asked for explicitly, never hidden in ``forward``: the
+``dtype=`` keyword of the public methods runs that call under ``torch.autocast`` (bf16 or fp16; fp32
+weights stay fp32), or the caller uses ``torch.autocast`` / ``model.to(torch.bfloat16)`` directly.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Optional
 
 import torch
 
@@ -35,6 +39,14 @@ class MTLFace(ReferenceMTLFace):
         super().__init__(backbone, input_size, age_group, afd, sigma, **kwargs)
         self.channels_last = channels_last
 
+    def _precision(self, images: torch.Tensor, dtype: Optional[torch.dtype]):
+        if dtype is None or dtype == torch.float32:
+            return contextlib.nullcontext()
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
+        device = images.device.type if isinstance(images, torch.Tensor) else "cpu"
+        return torch.autocast(device_type=device, dtype=dtype)
+
     def features(self, images: torch.Tensor) -> Features:
         images = self._check(images)
         if self.channels_last:
@@ -48,17 +60,23 @@ class MTLFace(ReferenceMTLFace):
         x_id, x_age = x_id.contiguous(), x_age.contiguous()
         return Features(x_1, x_2, x_3, x_4, x_5, x_id, x_age)
 
-    def encode(self, images: torch.Tensor) -> EncodeResult:
-        f = self.features(images)
-        with nvtx_range("heads"):
-            embedding = self.backbone.output_layer(f.x_id)
-            age_logits, group_logits = self.estimation_network(f.x_age)
+    def encode(self, images: torch.Tensor, dtype: Optional[torch.dtype] = None) -> EncodeResult:
+        with self._precision(images, dtype):
+            f = self.features(images)
+            with nvtx_range("heads"):
+                embedding = self.backbone.output_layer(f.x_id)
+                age_logits, group_logits = self.estimation_network(f.x_age)
         return EncodeResult(embedding, dex_age(age_logits), group_logits, f.x_id, f.x_age, age_logits)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        f = self.features(images)
-        with nvtx_range("heads"):
-            return self.backbone.output_layer(f.x_id)
+    def forward(self, images: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        with self._precision(images, dtype):
+            f = self.features(images)
+            with nvtx_range("heads"):
+                return self.backbone.output_layer(f.x_id)
+
+    def synthesize(self, images: torch.Tensor, target_group, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        with self._precision(images, dtype):
+            return super().synthesize(images, target_group)
 
     def _generate(self, images: torch.Tensor, f: Features, groups: torch.Tensor) -> torch.Tensor:
         with nvtx_range("icm"):
@@ -66,8 +84,12 @@ class MTLFace(ReferenceMTLFace):
         with nvtx_range("decoder"):
             return self.generator.decode(x, images, f.x_2, f.x_3, f.x_4)
 
-    def synthesize_all_ages(self, images: torch.Tensor) -> torch.Tensor:
+    def synthesize_all_ages(self, images: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Every age group, encoder once, the generator once on a batch of B*G: (B, G, 3, H, W)."""
+        with self._precision(images, dtype):
+            return self._synthesize_all(images)
+
+    def _synthesize_all(self, images: torch.Tensor) -> torch.Tensor:
         f = self.features(images)
         B, G = images.size(0), self.age_group
         rep = lambda t: t.repeat_interleave(G, dim=0)  # noqa: E731  (sample-major: b0g0, b0g1, ...)

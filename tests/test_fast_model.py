@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import mtlface_fast
 from mtlface_fast import reference as ref
 from mtlface_fast.layers import FastBottleneckIR
-from tests.utils import assert_close, randomize_
+from tests.utils import assert_close, max_rel_err, randomize_
 
 SMALL = dict(backbone="ir34", input_size=32, age_group=7)
 
@@ -133,3 +133,24 @@ def test_nvtx_ranges_do_not_change_results():
         finally:
             nvtx.enable(False)
     torch.testing.assert_close(marked, plain)
+
+
+def test_dtype_keyword_runs_reduced_precision():
+    r, f = _pair()
+    r.eval(), f.eval()
+    x = _x(2)
+    # rule: off from the fp32 reference by at most ~2x what the reference run in bf16 is off (or 2e-2)
+    with torch.no_grad():
+        e32 = F.normalize(r.encode(x).embedding)
+        with torch.autocast("cpu", torch.bfloat16):
+            e_ref16 = F.normalize(r.encode(x).embedding.float())
+            s_ref16 = r.synthesize(x, 2).float()
+        e16 = f.encode(x, dtype=torch.bfloat16).embedding
+        assert e16.dtype == torch.bfloat16
+        limit = max(2e-2, 2 * max_rel_err(e_ref16, e32))
+        assert_close(F.normalize(e16.float()), e32, name="bf16 embedding", rtol=limit)
+        s32 = r.synthesize(x, 2)
+        out = f.synthesize(x, 2, dtype=torch.bfloat16)
+        assert_close(out.float(), s32, name="bf16 synthesize", rtol=max(2e-2, 2 * max_rel_err(s_ref16, s32)))
+    with pytest.raises(ValueError, match="dtype"):
+        f.encode(x, dtype=torch.int8)
