@@ -84,16 +84,26 @@ class MTLFace(ReferenceMTLFace):
         with nvtx_range("decoder"):
             return self.generator.decode(x, images, f.x_2, f.x_3, f.x_4)
 
-    def synthesize_all_ages(self, images: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """Every age group, encoder once, the generator once on a batch of B*G: (B, G, 3, H, W)."""
-        with self._precision(images, dtype):
-            return self._synthesize_all(images)
+    def synthesize_all_ages(self, images: torch.Tensor, dtype: Optional[torch.dtype] = None,
+                            groups_per_call: Optional[int] = None) -> torch.Tensor:
+        """Every age group with the encoder run once: (B, G, 3, H, W).
 
-    def _synthesize_all(self, images: torch.Tensor) -> torch.Tensor:
-        f = self.features(images)
-        B, G = images.size(0), self.age_group
-        rep = lambda t: t.repeat_interleave(G, dim=0)  # noqa: E731  (sample-major: b0g0, b0g1, ...)
-        groups = torch.arange(G, device=images.device).repeat(B)
-        fr = Features(*(rep(t) if t is not None else None for t in f))
-        out = self._generate(rep(images), fr, groups)
-        return out.view(B, G, *out.shape[1:])
+        The generator runs on ``groups_per_call`` groups of the whole batch at a time: all G at once on
+        CUDA (one B*G batch keeps the GPU busy), one at a time on CPU (B*G-sized activations of the
+        112x112 decoder thrash CPU caches and measured slower).
+        """
+        if groups_per_call is None:
+            groups_per_call = self.age_group if isinstance(images, torch.Tensor) and images.is_cuda else 1
+        if isinstance(groups_per_call, bool) or not isinstance(groups_per_call, int) or groups_per_call < 1:
+            raise ValueError(f"groups_per_call must be a positive int, got {groups_per_call!r}")
+        with self._precision(images, dtype):
+            f = self.features(images)
+            B, G = images.size(0), self.age_group
+            outs = []
+            for g0 in range(0, G, groups_per_call):
+                n = min(groups_per_call, G - g0)
+                rep = lambda t: t.repeat_interleave(n, dim=0) if n > 1 else t  # noqa: E731 (sample-major)
+                groups = torch.arange(g0, g0 + n, device=images.device).repeat(B)
+                fr = Features(*(rep(t) for t in f))
+                outs.append(self._generate(rep(images), fr, groups).view(B, n, *images.shape[1:]))
+            return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]

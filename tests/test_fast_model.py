@@ -36,7 +36,11 @@ def test_eval_outputs_match_reference(afd):
         assert_close(b.age, a.age, name="age")
         assert_close(b.x_id, a.x_id, name="x_id")
         assert_close(f.synthesize(x, g), r.synthesize(x, g), name="synthesize")
-        assert_close(f.synthesize_all_ages(x), r.synthesize_all_ages(x), name="synthesize_all_ages")
+        expected = r.synthesize_all_ages(x)
+        for per_call in (None, 1, 3, 7):
+            assert_close(f.synthesize_all_ages(x, groups_per_call=per_call), expected, name=f"all ages {per_call}")
+    with pytest.raises(ValueError, match="groups_per_call"):
+        f.synthesize_all_ages(x, groups_per_call=0)
 
 
 def _aifr_losses(model, x, ids, ages, steps, head, da):
