@@ -14,9 +14,10 @@ from typing import Callable, Dict, List
 import torch
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# bench/results in a checkout; ./bench_results when run from an install.
-RESULTS_DIR = (os.path.join(_REPO, "bench", "results") if os.path.isdir(os.path.join(_REPO, "bench"))
-               else os.path.join(os.getcwd(), "bench_results"))
+# $MTLFACE_FAST_RESULTS_DIR if set; else bench/results in a checkout; ./bench_results when run from an install.
+RESULTS_DIR = os.environ.get("MTLFACE_FAST_RESULTS_DIR") or (
+    os.path.join(_REPO, "bench", "results") if os.path.isdir(os.path.join(_REPO, "bench"))
+    else os.path.join(os.getcwd(), "bench_results"))
 
 
 def git_commit() -> str:

@@ -29,6 +29,8 @@ def nvtx_range(name: str):
         return _NULL
     try:
         import nvtx
-    except ImportError:
+    except ImportError:  # the `nvtx` package is optional: fall back to torch's own NVTX bindings on CUDA
+        if torch.cuda.is_available():
+            return torch.cuda.nvtx.range(f"mtlface_fast.{name}")
         return _NULL
     return nvtx.annotate(f"mtlface_fast.{name}", domain="mtlface_fast")
