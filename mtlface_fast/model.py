@@ -107,3 +107,17 @@ class MTLFace(ReferenceMTLFace):
                 fr = Features(*(rep(t) for t in f))
                 outs.append(self._generate(rep(images), fr, groups).view(B, n, *images.shape[1:]))
             return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    def compile(self, *args, **kwargs) -> "MTLFace":
+        """Compile the public entry points in place: ``forward``, ``encode``, ``synthesize`` and
+        ``synthesize_all_ages`` (``nn.Module.compile`` would compile ``forward`` alone).
+
+        Arguments go to :func:`torch.compile`; ``fullgraph`` defaults to True (the fused ops are
+        ``torch.library`` custom ops and never break the graph). ``mode="reduce-overhead"`` adds CUDA
+        graphs, recorded once per batch size. Returns the model. The compiled callables live on the
+        instance: ``copy.deepcopy`` / pickling of a compiled model is not supported.
+        """
+        kwargs.setdefault("fullgraph", True)
+        for name in ("forward", "encode", "synthesize", "synthesize_all_ages"):
+            self.__dict__[name] = torch.compile(getattr(type(self), name).__get__(self), *args, **kwargs)
+        return self

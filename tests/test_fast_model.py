@@ -123,6 +123,19 @@ def test_compiles_without_graph_breaks():
         assert_close(compiled(x), f.encode(x).embedding, name="compiled embedding")
 
 
+def test_model_compile_covers_every_entry_point():
+    _, f = _pair()
+    f.eval()
+    x = _x(2)
+    with torch.no_grad():
+        eager = (f(x), f.encode(x).age, f.synthesize(x, 3), f.synthesize_all_ages(x))
+        assert f.compile(backend="aot_eager") is f
+        assert all(name in f.__dict__ for name in ("forward", "encode", "synthesize", "synthesize_all_ages"))
+        compiled = (f(x), f.encode(x).age, f.synthesize(x, 3), f.synthesize_all_ages(x))
+    for a, b, name in zip(compiled, eager, ("forward", "encode.age", "synthesize", "synthesize_all_ages")):
+        assert_close(a, b, name=name)
+
+
 def test_nvtx_ranges_do_not_change_results():
     from mtlface_fast import nvtx
 
