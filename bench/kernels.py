@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import write_results  # noqa: E402
 
-OPS = ("afd", "icm")
+OPS = ("afd", "icm", "trunk")
 
 
 def main(argv=None):
