@@ -106,3 +106,66 @@ def test_all_missing_empty_and_malformed(tmp_path):
         read_pairs(str(tmp_path / "header_only.txt"))
     with pytest.raises(ValueError, match="fmt must be"):
         read_pairs(str(tmp_path / "gone.txt"), fmt="csv")
+
+
+def _png_bytes(seed):
+    import io
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_insightface_bin_is_unpacked_into_a_pair_list(tmp_path):
+    import pickle
+
+    from mtlface_fast.eval.pairs import extract_bin
+    imgs = [_png_bytes(i) for i in range(8)]
+    issame = [True, False, np.bool_(True), False]
+    with open(tmp_path / "agedb_30.bin", "wb") as fh:
+        pickle.dump((imgs, issame), fh, protocol=2)
+    txt = extract_bin(str(tmp_path / "agedb_30.bin"), str(tmp_path / "x"))
+    pl = read_pairs(txt)
+    assert pl.labels.tolist() == [True, False, True, False] and pl.format == "paths"
+    assert open(pl.pairs[1].left, "rb").read() == imgs[2] and pl.pairs[1].right.endswith("000003.png")
+    mtime = os.path.getmtime(txt)
+    assert extract_bin(str(tmp_path / "agedb_30.bin"), str(tmp_path / "x")) == txt  # reused
+    assert os.path.getmtime(txt) == mtime
+
+
+def test_insightface_bin_refuses_code_and_bad_layouts(tmp_path):
+    import pickle
+
+    from mtlface_fast.eval.pairs import extract_bin
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    with open(tmp_path / "evil.bin", "wb") as fh:
+        pickle.dump(([Evil(), b"x"], [True]), fh)
+    with pytest.raises(ValueError, match="refusing to load"):
+        extract_bin(str(tmp_path / "evil.bin"), str(tmp_path / "e"))
+    with open(tmp_path / "odd.bin", "wb") as fh:
+        pickle.dump(([_png_bytes(0)] * 3, [True]), fh)
+    with pytest.raises(ValueError, match="3 images for 1 labels"):
+        extract_bin(str(tmp_path / "odd.bin"), str(tmp_path / "o"))
+    (tmp_path / "junk.bin").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a verification .bin"):
+        extract_bin(str(tmp_path / "junk.bin"), str(tmp_path / "j"))
+    with pytest.raises(FileNotFoundError):
+        extract_bin(str(tmp_path / "none.bin"), str(tmp_path / "n"))
+
+
+def test_sample_set_from_scikit_image(tmp_path):
+    from mtlface_fast.eval.identification import read_identity_list
+    from mtlface_fast.eval.sample import write_sample
+    info = write_sample(str(tmp_path), variants=3, size=32, n_faces=5)
+    assert info == dict(images=15, pairs=20, folder=str(tmp_path))
+    pl = read_pairs(str(tmp_path / "pairs.txt"))
+    assert len(pl.pairs) == 20 and pl.labels.tolist() == [True, False] * 10 and not pl.excluded
+    assert Image.open(pl.pairs[0].left).size == (32, 32) and Image.open(pl.pairs[0].left).mode == "RGB"
+    ids = read_identity_list(str(tmp_path / "identities.txt"))
+    assert len(ids.paths) == 15 and len(set(ids.ids)) == 5
+    with pytest.raises(ValueError, match="variants"):
+        write_sample(str(tmp_path), variants=1)

@@ -202,3 +202,24 @@ def test_embedder_bad_arguments(model):
         Embedder(model, workers=0)
     with pytest.raises(ValueError, match="nothing to evaluate"):
         evaluate(model, out="unused")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_embedder_on_cuda_matches_the_cpu_reference(faces, model):
+    d, names = faces
+    paths = [str(d / n) for n in names]
+    r = ref.MTLFace(backbone="ir34", input_size=112)
+    r.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        e = r.eval().encode(mtlface_fast.preprocess(paths))
+    expect = torch.nn.functional.normalize(e.embedding, dim=1)
+    gpu = mtlface_fast.MTLFace(backbone="ir34", input_size=112)
+    gpu.load_state_dict(model.state_dict())
+    gpu = gpu.cuda().eval()
+    enc = Embedder(gpu, batch_size=4, progress=False).encode_paths(paths)
+    # TF32 may be on for convolutions: compare at the low-precision tolerance
+    assert_close(torch.from_numpy(enc["embedding"]), expect, dtype=torch.float16, name="cuda fp32 embedding")
+    assert_close(torch.from_numpy(enc["age"]), e.age, dtype=torch.float16, name="cuda fp32 age")
+    enc = Embedder(gpu, batch_size=4, dtype="bf16", progress=False).encode_paths(paths)
+    cos = (torch.from_numpy(enc["embedding"]) * expect).sum(1)
+    assert (cos > 0.98).all(), f"bf16 embeddings drift from fp32: cosine {cos.min():.4f}"

@@ -11,6 +11,9 @@ Formats (detected from the first data line; one format per file):
 ``calfw``   CALFW / CPLFW ``pairs_*.txt``: two lines per pair, ``file label``; label 0 on both lines for a
             negative pair, a positive identity index for a positive one.
 
+Insightface-style verification ``.bin`` files (AgeDB-30, CALFW, CFP-FP, LFW as distributed with
+ArcFace training data) are unpacked by :func:`extract_bin` into images and a ``paths`` list.
+
 Lines that are empty or start with ``#`` are skipped. A malformed line raises ``ValueError`` naming the
 file and line. Pairs whose images do not exist are *excluded and reported* (line number and path) --
 never silently dropped. Folds follow the order of the full list (consecutive blocks, or the header's
@@ -226,3 +229,74 @@ def format_missing(pl: PairList, limit: int = 20) -> str:
     if len(pl.missing) > limit:
         lines.append(f"  ... and {len(pl.missing) - limit} more (all listed in the JSON report)")
     return "\n".join(lines)
+
+
+# -- insightface verification .bin files (agedb_30.bin, calfw.bin, cfp_fp.bin, lfw.bin, ...) ---------------------
+_BIN_GLOBALS = {
+    ("_codecs", "encode"),                      # bytes pickled by Python 2 (protocol 2)
+    ("numpy", "dtype"), ("numpy", "ndarray"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+}
+
+
+def _restricted_unpickler(fh):
+    import pickle
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in _BIN_GLOBALS:
+                return super().find_class(module, name)
+            raise ValueError(f"refusing to load {module}.{name} from a verification .bin: it may only hold "
+                             f"encoded images and booleans")
+
+    return _Unpickler(fh, encoding="bytes")
+
+
+def extract_bin(path: str, out_dir: str) -> str:
+    """Unpack an insightface-style verification ``.bin`` (a pickle of ``(encoded images, issame list)``,
+    images ``2i`` and ``2i+1`` forming pair ``i``) into ``out_dir/images`` and write ``out_dir/pairs.txt``
+    ('left right label' lines, in the file's order, so the consecutive 10 folds match the standard code).
+
+    The pickle is read with a restricted unpickler (only bytes, lists, booleans and numpy scalars/arrays);
+    anything else is refused. Returns the pair-list path. An existing complete extraction is reused.
+    """
+    import pickle
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"verification .bin not found: {path}")
+    pairs_txt = os.path.join(out_dir, "pairs.txt")
+    stamp = os.path.join(out_dir, "source.txt")
+    src_id = f"{os.path.abspath(path)} {os.path.getsize(path)} {os.stat(path).st_mtime_ns}\n"
+    if os.path.isfile(pairs_txt) and os.path.isfile(stamp) and open(stamp).read() == src_id:
+        return pairs_txt
+    with open(path, "rb") as fh:
+        try:
+            data = _restricted_unpickler(fh).load()
+        except (pickle.UnpicklingError, EOFError) as exc:
+            raise ValueError(f"{path} is not a verification .bin (pickle of images and labels): {exc}") from None
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise ValueError(f"{path}: expected a pickled (images, issame) pair, got {type(data).__name__}")
+    images, issame = data
+    issame = [bool(v) for v in (issame.tolist() if hasattr(issame, "tolist") else issame)]
+    if len(images) != 2 * len(issame) or not issame:
+        raise ValueError(f"{path}: {len(images)} images for {len(issame)} labels; expected two images per label")
+    from ..checkpoint import atomic_write
+    img_dir = os.path.join(out_dir, "images")
+    os.makedirs(img_dir, exist_ok=True)
+    names = []
+    for i, blob in enumerate(images):
+        if hasattr(blob, "tobytes"):
+            blob = blob.tobytes()
+        if not isinstance(blob, (bytes, bytearray)):
+            raise ValueError(f"{path}: image {i} is {type(blob).__name__}, expected encoded image bytes")
+        ext = ".png" if blob[:8] == b"\x89PNG\r\n\x1a\n" else ".jpg"
+        name = f"images/{i:06d}{ext}"
+        with open(os.path.join(out_dir, name), "wb") as out:
+            out.write(blob)
+        names.append(name)
+    lines = "".join(f"{names[2 * k]} {names[2 * k + 1]} {int(s)}\n" for k, s in enumerate(issame))
+    atomic_write(pairs_txt, lambda tmp: open(tmp, "w").write(lines))
+    atomic_write(stamp, lambda tmp: open(tmp, "w").write(src_id))
+    return pairs_txt

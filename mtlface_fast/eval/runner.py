@@ -3,7 +3,8 @@
 Tasks (any combination; each needs its own input):
 
   --pairs LIST          verification on a pair list (repeatable; NAME=LIST names it): ECAF image_pairs,
-                        LFW pairs.txt, CALFW/CPLFW, AgeDB-30 or CACD-VS exported as 'left right label' lines.
+                        LFW pairs.txt, CALFW/CPLFW pairs, 'left right label' lines (any benchmark, e.g.
+                        CACD-VS exported), or an insightface .bin (agedb_30.bin, calfw.bin, ...).
                         10-fold accuracy (threshold from the other folds), TAR@FAR, AUC, EER, ROC PNG.
   --identify LIST       identification on 'path id [age] [role]' lines: rank-1 and CMC over a split
                         (--split loo | role | age), optionally with the gallery augmented by synthesized ages.
@@ -31,7 +32,7 @@ from ..demo import group_labels
 from .age import age_metrics, read_age_labels
 from .embed import DTYPES, Embedder, resolve_device
 from .identification import SPLITS, cosine_matrix, identification_metrics, read_identity_list, split_probe_gallery
-from .pairs import FORMATS, format_missing, read_pairs
+from .pairs import FORMATS, extract_bin, format_missing, read_pairs
 from .report import write_json, write_markdown
 from .synthesis import contact_sheet, synthesis_metrics
 from .verification import DEFAULT_FARS, roc_curve, roc_png, verification_metrics
@@ -116,7 +117,11 @@ def evaluate(model, *, pairs: Sequence[Tuple[str, str]] = (), root: Optional[str
     # -- verification ------------------------------------------------------------------------------------------
     curves = {}
     for name, path in pairs:
-        pl = read_pairs(path, root=root, fmt=pairs_format, n_folds=n_folds, ext=lfw_ext)
+        if path.lower().endswith(".bin"):  # insightface verification bin: unpack once under <out>/bins/
+            path = extract_bin(path, os.path.join(out, "bins", name))
+            pl = read_pairs(path, fmt="paths", n_folds=n_folds)
+        else:
+            pl = read_pairs(path, root=root, fmt=pairs_format, n_folds=n_folds, ext=lfw_ext)
         msg = format_missing(pl)
         if msg:
             log(msg)
@@ -312,7 +317,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of the random initialization (0)")
     g = p.add_argument_group("verification")
     g.add_argument("--pairs", action="append", default=[], metavar="[NAME=]LIST",
-                   help="pair list (repeatable): 'left right label' lines, LFW pairs.txt or CALFW format")
+                   help="pair list (repeatable): 'left right label' lines, LFW pairs.txt, CALFW format, "
+                        "or an insightface verification .bin")
     g.add_argument("--root", help="folder the pair lists' image paths are relative to (default: each list's folder)")
     g.add_argument("--pairs-format", default="auto", choices=FORMATS, help="pair-list format (auto)")
     g.add_argument("--folds", type=int, default=10, help="cross-validation folds without an LFW header (10)")
