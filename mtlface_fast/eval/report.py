@@ -64,7 +64,8 @@ def markdown(report: Dict) -> str:
                            f"({p['n_missing_files']} missing or unreadable image file(s); listed with their lines "
                            f"in the JSON report).")
             if v.get("tar_skipped"):
-                out.append(f"\n{name}: not reported: " + "; ".join(v["tar_skipped"].values()) + ".")
+                out.append(f"\n{name}: TAR@FAR {', '.join(v['tar_skipped'])} not reported ({v['n_impostor']} impostor "
+                           f"pairs cannot resolve them).")
         out.append("")
     idn = report.get("identification", {})
     if idn:

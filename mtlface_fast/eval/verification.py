@@ -219,7 +219,8 @@ def roc_png(path: str, curves: Dict[str, Tuple[np.ndarray, np.ndarray]], title: 
     left, right, top, bottom = 60, 20, 30, 50
     pw, ph = W - left - right, H - top - bottom
     positive = [f[f > 0].min() for f, _ in (map(np.asarray, c) for c in curves.values()) if (np.asarray(f) > 0).any()]
-    lo = int(np.floor(np.log10(min(positive)))) if positive else -6
+    # one decade below the smallest non-zero FAR, so the first ROC step is visible
+    lo = int(np.floor(np.log10(min(positive)) - 1e-9)) if positive else -6
     lo = max(min(lo, -1), -8)
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
