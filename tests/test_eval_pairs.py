@@ -44,6 +44,13 @@ def test_lfw_format_with_header_folds(tmp_path):
     assert pl.pairs[2].right == str(tmp_path / "lfw" / "Q0" / "Q0_0001.jpg")
 
 
+def test_header_before_path_lines_sets_the_folds(tmp_path):
+    _touch(tmp_path, "a.jpg", "b.jpg")
+    (tmp_path / "p.txt").write_text("3 1\n" + "a.jpg b.jpg 1\nb.jpg a.jpg 0\n" * 3)
+    pl = read_pairs(str(tmp_path / "p.txt"))
+    assert pl.format == "paths" and pl.folds.tolist() == [0, 0, 1, 1, 2, 2] and [p.line for p in pl.pairs][0] == 2
+
+
 def test_calfw_two_line_format(tmp_path):
     _touch(tmp_path, "x1.jpg", "x2.jpg", "y1.jpg")
     (tmp_path / "pairs_CALFW.txt").write_text("x1.jpg 3\nx2.jpg 3\nx1.jpg 0\ny1.jpg 0\n")

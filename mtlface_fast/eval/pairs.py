@@ -14,7 +14,8 @@ Formats (detected from the first data line; one format per file):
 Insightface-style verification ``.bin`` files (AgeDB-30, CALFW, CFP-FP, LFW as distributed with
 ArcFace training data) are unpacked by :func:`extract_bin` into images and a ``paths`` list.
 
-Lines that are empty or start with ``#`` are skipped. A malformed line raises ``ValueError`` naming the
+Any format may start with an LFW-style header (``folds pairs_per_fold``, giving folds of
+``2 * pairs_per_fold`` consecutive pairs, or a pair count). Lines that are empty or start with ``#`` are skipped. A malformed line raises ``ValueError`` naming the
 file and line. Pairs whose images do not exist are *excluded and reported* (line number and path) --
 never silently dropped. Folds follow the order of the full list (consecutive blocks, or the header's
 fold size), so excluding a pair does not move the others between folds.
@@ -91,10 +92,7 @@ def _split(line: str) -> List[str]:
     return [t.strip() for t in line.split("\t")] if "\t" in line else line.split()
 
 
-def _detect(rows: List[Tuple[int, List[str]]], where: str) -> str:
-    _, first = rows[0]
-    if len(first) == 2 and all(_is_int(t) for t in first) or len(first) == 1 and _is_int(first[0]):
-        return "lfw"  # header line
+def _detect(first: List[str], where: str) -> str:
     if len(first) == 4 and _is_int(first[1]) and _is_int(first[3]):
         return "lfw"
     if len(first) == 3 and _is_int(first[1]) and _is_int(first[2]):
@@ -137,14 +135,23 @@ def read_pairs(path: str, root: Optional[str] = None, fmt: str = "auto", n_folds
                 rows.append((lineno, _split(line)))
     if not rows:
         raise ValueError(f"pair list {path} is empty (no pairs)")
+    fold_size = None
+    head_line, head = rows[0]
+    if 1 <= len(head) <= 2 and all(_is_int(t) for t in head):  # LFW-style header: 'folds pairs_per_fold' or 'pairs'
+        rows = rows[1:]
+        if len(head) == 2:
+            if int(head[0]) < 1 or int(head[1]) < 1:
+                raise ValueError(f"{path}:{head_line}: header must be 'folds pairs_per_fold' (positive)")
+            fold_size = 2 * int(head[1])  # each LFW fold: `per` matched then `per` mismatched pairs
+    if not rows:
+        raise ValueError(f"pair list {path} holds no pairs (only a header)")
     if fmt == "auto":
-        fmt = _detect(rows, f"{path}:{rows[0][0]}")
+        fmt = _detect(rows[0][1], f"{path}:{rows[0][0]}")
 
     def res(p: str) -> str:
         return p if os.path.isabs(p) else os.path.join(root, p)
 
     raw_pairs: List[Tuple[str, str, bool, int]] = []
-    fold_size = None
     if fmt == "paths":
         for lineno, toks in rows:
             where = f"{path}:{lineno}"
@@ -152,20 +159,10 @@ def read_pairs(path: str, root: Optional[str] = None, fmt: str = "auto", n_folds
                 raise ValueError(f"{where}: expected 'left right label' (3 fields), got {len(toks)}: {' '.join(toks)!r}")
             raw_pairs.append((res(toks[0]), res(toks[1]), _label(toks[2], where), lineno))
     elif fmt == "lfw":
-        start = 0
-        head = rows[0][1]
-        if len(head) <= 2 and all(_is_int(t) for t in head):
-            start = 1
-            if len(head) == 2:
-                folds_h, per = int(head[0]), int(head[1])
-                if folds_h < 1 or per < 1:
-                    raise ValueError(f"{path}:{rows[0][0]}: header must be 'folds pairs_per_fold' (positive)")
-                fold_size = 2 * per  # each LFW fold: `per` matched then `per` mismatched pairs
-
         def img(name: str, num: str) -> str:
             return res(os.path.join(name, f"{name}_{int(num):04d}{ext}"))
 
-        for lineno, toks in rows[start:]:
+        for lineno, toks in rows:
             where = f"{path}:{lineno}"
             if len(toks) == 3 and _is_int(toks[1]) and _is_int(toks[2]):
                 raw_pairs.append((img(toks[0], toks[1]), img(toks[0], toks[2]), True, lineno))
