@@ -141,7 +141,7 @@ def test_synthesis_and_gallery_augmentation(faces, tmp_path):
     torch.manual_seed(0)
     m = randomize_(mtlface_fast.MTLFace(backbone="ir34", input_size=32), seed=5).eval()
     ids = tmp_path / "ids.txt"
-    ids.write_text(f"{d / names[0]} a - probe\n{d / ('copy_' + names[0])} a - gallery\n{d / names[1]} b - gallery\n")
+    ids.write_text(f"{d / names[0]} a - probe\n{d / ('copy_' + names[0])} a - gallery\n{d / names[1]} b - probe\n")
     rep = evaluate(m, synthesis=[str(d / names[0])], identify=str(ids), split="role", augment_gallery=True,
                    out=str(tmp_path / "o"), batch_size=2, progress=False, log=lambda *_: None)
     s = rep["synthesis"]
@@ -156,10 +156,11 @@ def test_synthesis_and_gallery_augmentation(faces, tmp_path):
     assert s["mean_age_per_group"][3] == pytest.approx(float(out.age), abs=1e-3)
     sheet = Image.open(tmp_path / "o" / "contact_sheet.png")
     assert sheet.size[0] == 8 * (32 + 4) + 4
-    # augmented gallery: the same probe, more gallery entries (2 images + 7 synthesized ages each)
+    # augmented gallery: the same probes, more gallery entries (the image + its 7 synthesized ages)
     plain, aug = rep["identification"]["role"], rep["identification"]["role+synthesized"]
-    assert plain["n_gallery"] == 2 and aug["n_gallery"] == 2 * 8 and aug["n_identified"] == plain["n_identified"] == 1
-    assert plain["rank1"] == 1.0  # the probe's identical copy is in the gallery
+    assert plain["n_gallery"] == 1 and aug["n_gallery"] == 8 and aug["n_identified"] == plain["n_identified"] == 1
+    assert plain["unmatched_probes"] == aug["unmatched_probes"] == [1]  # identity b is not in the gallery
+    assert plain["rank1"] == aug["rank1"] == 1.0
     assert "## Synthesis" in (tmp_path / "o" / "summary.md").read_text()
 
 
@@ -186,10 +187,10 @@ def test_cli_eval_end_to_end_and_errors(faces, tmp_path, capsys):
     assert "is empty" in capsys.readouterr().err
     assert main(["eval", "--out", str(out), "--device", "cpu"]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
-    assert main(["eval", "--pairs", str(tmp_path / "nope.txt"), "--device", "cpu"]) == 2
+    assert main(["eval", "--pairs", str(tmp_path / "nope.txt"), "--device", "cpu", "--out", str(out)]) == 2
     assert "pair list not found" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert main(["eval", "--pairs", str(pairs), "--device", "cuda"]) == 2
+        assert main(["eval", "--pairs", str(pairs), "--device", "cuda", "--out", str(out)]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
 
 
@@ -202,6 +203,7 @@ def test_embedder_bad_arguments(model):
         Embedder(model, workers=0)
     with pytest.raises(ValueError, match="nothing to evaluate"):
         evaluate(model, out="unused")
+    assert not os.path.exists("unused")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -106,7 +106,6 @@ def evaluate(model, *, pairs: Sequence[Tuple[str, str]] = (), root: Optional[str
     if cache:
         n = emb.load_cache(cache)
         log(f"embedding cache {cache}: {n} entr{'y' if n == 1 else 'ies'} reused")
-    os.makedirs(out, exist_ok=True)
     report: Dict = dict(model=dict(source=source, config=model.config, cls=type(model).__name__),
                         run=dict(device=str(device), dtype=dtype, flip=flip, batch_size=batch_size,
                                  torch=torch.__version__, python=platform.python_version(),
@@ -350,9 +349,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _precheck(args) -> None:
+    """Read every input list once before the model is built, so that bad input fails in a second."""
+    if not (args.pairs or args.identify or args.ages or args.synthesis):
+        raise ValueError("nothing to evaluate: give --pairs, --identify, --ages and/or --synthesis")
+    for _, path in _named(args.pairs):
+        if path.lower().endswith(".bin"):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"verification .bin not found: {path}")
+        else:
+            read_pairs(path, root=args.root, fmt=args.pairs_format, n_folds=args.folds, ext=args.lfw_ext)
+    if args.identify:
+        read_identity_list(args.identify, root=args.identify_root)
+    if args.ages:
+        read_age_labels(args.ages, root=args.ages_root)
+    if args.synthesis:
+        image_files(args.synthesis)
+
+
 def execute(args, log=print) -> int:
     from ..demo import load_model
     device = resolve_device(args.device)
+    _precheck(args)
     model, source = load_model(args.weights, args.generator, args.estimator, args.backbone, args.seed)
     if args.weights is None:
         log(f"NOTE: no --weights given; using a {source}. The numbers are meaningless for a real model.")
