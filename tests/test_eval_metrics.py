@@ -170,6 +170,17 @@ def test_cmc_on_constructed_similarity_matrix():
     assert m["rank1"] == 0.5 and m["cmc"] == [0.5, 0.75, 1.0] and m["rank"]["5"] == 1.0
 
 
+def test_cmc_png(tmp_path):
+    from mtlface_fast.eval.identification import cmc_png
+    out = cmc_png(str(tmp_path / "cmc.png"), {"plain": [0.5, 0.75, 1.0], "augmented": [0.7, 0.9, 1.0]})
+    img = np.asarray(Image.open(out))
+    assert img.shape == (480, 640, 3)
+    for color in ((31, 119, 180), (214, 39, 40)):
+        assert (img == color).all(-1).sum() > 100
+    with pytest.raises(ValueError):
+        cmc_png(str(tmp_path / "x.png"), {})
+
+
 def test_cmc_ties_count_against_the_probe():
     r = identity_ranks(np.full((2, 3), 0.5), ["A", "B"], ["A", "B", "C"])
     assert r["ranks"].tolist() == [3, 3]

@@ -134,6 +134,7 @@ def test_verification_identification_age_run(faces, model, tmp_path):
     md = (tmp_path / "o" / "summary.md").read_text()
     assert "| toy | 14 | 2 | 10 | 100.00 |" in md and "## Identification" in md and "## Age estimation" in md
     assert Image.open(tmp_path / "o" / "roc.png").size == (640, 480)
+    assert Image.open(tmp_path / "o" / "cmc.png").size == (640, 480)
 
 
 def test_synthesis_and_gallery_augmentation(faces, tmp_path):

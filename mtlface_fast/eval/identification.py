@@ -193,3 +193,48 @@ def split_probe_gallery(lst: IdentityList, split: str = "loo", split_age: float 
         raise ValueError(f"split {split!r} leaves {probe.size} probe(s) and {gallery.size} gallery image(s); "
                          f"both must be non-empty")
     return probe, gallery, None
+
+
+def cmc_png(path: str, curves: Dict[str, Sequence[float]], max_rank: int = 20, title: str = "CMC",
+            size=(640, 480)) -> str:
+    """Draw CMC curves (identification rate against rank 1..max_rank) into a PNG with Pillow (atomic write)."""
+    from PIL import Image, ImageDraw
+
+    from ..checkpoint import atomic_write
+    from .verification import _COLORS
+
+    if not curves:
+        raise ValueError("curves is empty: nothing to draw")
+    n = max(2, min(max_rank, max(len(c) for c in curves.values())))
+    W, H = size
+    left, right, top, bottom = 60, 20, 30, 50
+    pw, ph = W - left - right, H - top - bottom
+    lo = min(min(float(c[0]), 1.0) for c in curves.values())
+    lo = max(0.0, np.floor(lo * 10 - 1e-9) / 10)  # y axis from the decile below the lowest rank-1
+
+    def xy(rank, rate):
+        return left + (rank - 1) / (n - 1) * pw, top + (1 - (rate - lo) / (1 - lo if lo < 1 else 1)) * ph
+
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    for r in sorted({1, *range(5, n + 1, 5), n}):
+        x, _ = xy(r, lo)
+        d.line([(x, top), (x, top + ph)], fill=(225, 225, 225))
+        d.text((x - 4, top + ph + 4), str(r), fill="black")
+    for t in np.linspace(lo, 1, 6):
+        _, y = xy(1, t)
+        d.line([(left, y), (left + pw, y)], fill=(225, 225, 225))
+        d.text((left - 34, y - 6), f"{t:.2f}", fill="black")
+    d.rectangle([left, top, left + pw, top + ph], outline="black")
+    d.text((left + pw // 2 - 15, H - 20), "rank", fill="black")
+    d.text((4, top - 20), "identification rate", fill="black")
+    d.text((left + 150, 6), title, fill="black")
+    for i, (label, c) in enumerate(curves.items()):
+        color = _COLORS[i % len(_COLORS)]
+        c = [float(v) for v in c]
+        pts = [xy(r, c[min(r, len(c)) - 1]) for r in range(1, n + 1)]
+        d.line(pts, fill=color, width=2)
+        ly = top + ph - 16 * (len(curves) - i) - 4
+        d.line([(left + pw - 170, ly + 6), (left + pw - 150, ly + 6)], fill=color, width=3)
+        d.text((left + pw - 145, ly), str(label)[:24], fill="black")
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))

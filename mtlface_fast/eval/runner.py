@@ -31,7 +31,7 @@ import torch
 from ..demo import group_labels
 from .age import age_metrics, read_age_labels
 from .embed import DTYPES, Embedder, resolve_device
-from .identification import SPLITS, cosine_matrix, identification_metrics, read_identity_list, split_probe_gallery
+from .identification import SPLITS, cmc_png, cosine_matrix, identification_metrics, read_identity_list, split_probe_gallery
 from .pairs import FORMATS, extract_bin, format_missing, read_pairs
 from .report import write_json, write_markdown
 from .synthesis import contact_sheet, synthesis_metrics
@@ -204,6 +204,11 @@ def evaluate(model, *, pairs: Sequence[Tuple[str, str]] = (), root: Optional[str
             m = identification_metrics(sim, ids[probe], ids[g_src], exclude=ex)
             report["identification"][f"{split}+synthesized"] = {**base, **m, "gallery_augmented": True}
             log(f"identification ({split}, gallery + {G} synthesized ages each): rank-1 {100 * m['rank1']:.2f}%")
+
+    if report["identification"]:
+        report["files"]["cmc"] = cmc_png(os.path.join(out, "cmc.png"),
+                                         {k: v["cmc"] for k, v in report["identification"].items()},
+                                         title="CMC (identification)")
 
     # -- age estimation ---------------------------------------------------------------------------------------
     if ages:
