@@ -56,6 +56,24 @@ def test_kfold_hand_case_threshold_from_other_folds():
     assert r["accuracy"] == pytest.approx(0.875)
 
 
+def test_accuracy_by_age_gap_by_hand():
+    from mtlface_fast.eval.verification import accuracy_by_gap
+    s = np.array([0.9, 0.4, 0.2, 0.7, 0.8, 0.1])
+    y = np.array([1, 1, 0, 0, 1, 0], dtype=bool)
+    gaps = np.array([2.0, 25.0, 5.0, 31.0, np.nan, 12.0])
+    folds = np.array([0, 0, 0, 1, 1, 1])
+    r = accuracy_by_gap(s, y, gaps, folds, {0: 0.5, 1: 0.75})
+    # fold 0 (thr 0.5): right, wrong (0.4 genuine rejected), right; fold 1 (thr 0.75): right (0.7 rejected),
+    # unknown gap, right
+    assert r["n_unknown"] == 1
+    assert r["bins"] == {"0-10": dict(n_pairs=2, n_genuine=1, accuracy=1.0),
+                         "10-20": dict(n_pairs=1, n_genuine=0, accuracy=1.0),
+                         "20-30": dict(n_pairs=1, n_genuine=1, accuracy=0.0),
+                         "30-40": dict(n_pairs=1, n_genuine=0, accuracy=1.0)}
+    with pytest.raises(ValueError, match="one entry per pair"):
+        accuracy_by_gap(s, y, gaps[:2], folds, {0: 0.5, 1: 0.5})
+
+
 def test_consecutive_folds_match_unshuffled_kfold_sizes():
     f = consecutive_folds(23, 10)
     assert np.bincount(f).tolist() == [3, 3, 3, 2, 2, 2, 2, 2, 2, 2]

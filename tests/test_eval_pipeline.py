@@ -118,6 +118,10 @@ def test_verification_identification_age_run(faces, model, tmp_path):
     assert p["unreadable"][0]["line"] == 7 and p["unreadable"][0]["path"] == str(d / "corrupt.png")
     text = "\n".join(logs)
     assert "line 4:" in text and "gone.png" in text and "line 7:" in text and "1 of 16 pair(s) excluded" in text
+    # ages of the originals only: pairs with a copy have no gap; neighbours differ by 5 years, the last by 30
+    gap = v["by_age_gap"]
+    assert gap["n_unknown"] == len(names) and gap["bins"]["0-10"]["n_pairs"] == len(names) - 1
+    assert gap["bins"]["30-40"]["n_pairs"] == 1 and gap["bins"]["0-10"]["accuracy"] == 1.0
     # leave-one-out: each image's only same-identity partner is its identical copy -> rank 1
     i = rep["identification"]["loo"]
     assert i["rank1"] == 1.0 and i["n_identified"] == 2 * len(names) and i["n_missing"] == 1

@@ -63,6 +63,14 @@ def markdown(report: Dict) -> str:
                 out.append(f"\n{name}: {p['n_excluded']} of {p['n_total']} pairs excluded "
                            f"({p['n_missing_files']} missing or unreadable image file(s); listed with their lines "
                            f"in the JSON report).")
+            if v.get("by_age_gap", {}).get("bins"):
+                b = v["by_age_gap"]
+                out.append(f"\n{name}, accuracy by labelled age gap (years; each pair judged by its fold's threshold"
+                           f"{'; ' + str(b['n_unknown']) + ' pair(s) without both ages' if b['n_unknown'] else ''}):\n")
+                out.append("| age gap | " + " | ".join(b["bins"]) + " |")
+                out.append("|---|" + "---:|" * len(b["bins"]))
+                out.append("| pairs | " + " | ".join(str(x["n_pairs"]) for x in b["bins"].values()) + " |")
+                out.append("| accuracy % | " + " | ".join(_pct(x["accuracy"]) for x in b["bins"].values()) + " |")
             if v.get("tar_skipped"):
                 out.append(f"\n{name}: TAR@FAR {', '.join(v['tar_skipped'])} not reported ({v['n_impostor']} impostor "
                            f"pairs cannot resolve them).")

@@ -35,7 +35,7 @@ from .identification import SPLITS, cmc_png, cosine_matrix, identification_metri
 from .pairs import FORMATS, extract_bin, format_missing, read_pairs
 from .report import write_json, write_markdown
 from .synthesis import contact_sheet, synthesis_metrics
-from .verification import DEFAULT_FARS, roc_curve, roc_png, verification_metrics
+from .verification import DEFAULT_FARS, accuracy_by_gap, roc_curve, roc_png, verification_metrics
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -81,6 +81,10 @@ def _synthesize(model, emb: Embedder, x: torch.Tensor):
     return aged, e.view(B, G, -1), a.view(B, G)
 
 
+def _norm(path: str) -> str:
+    return os.path.normpath(os.path.abspath(path))
+
+
 def _batches(n: int, size: int):
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
@@ -112,6 +116,11 @@ def evaluate(model, *, pairs: Sequence[Tuple[str, str]] = (), root: Optional[str
                                  argv=sys.argv[1:]),
                         verification={}, identification={}, files={})
     t_start = time.perf_counter()
+
+    labels_map: Optional[Dict[str, float]] = None
+    if ages:  # read first: verification reports accuracy by the pairs' labelled age gap
+        labels_map, age_info = read_age_labels(ages, root=ages_root)
+        norm_ages = {_norm(p): a for p, a in labels_map.items()}
 
     # -- verification ------------------------------------------------------------------------------------------
     curves = {}
@@ -148,6 +157,13 @@ def evaluate(model, *, pairs: Sequence[Tuple[str, str]] = (), root: Optional[str
         summary["unreadable"] = [dict(line=ln, path=q, reason=why) for ln, q, why in unreadable]
         summary["n_missing_files"] += len(unreadable)
         m["pairs"] = summary
+        if labels_map:
+            a_l = [norm_ages.get(_norm(pl.pairs[k].left), np.nan) for k in keep]
+            a_r = [norm_ages.get(_norm(pl.pairs[k].right), np.nan) for k in keep]
+            gaps = np.abs(np.asarray(a_l, dtype=np.float64) - np.asarray(a_r, dtype=np.float64))
+            if np.isfinite(gaps).any():
+                m["by_age_gap"] = accuracy_by_gap(scores, labels, gaps, folds,
+                                                  dict(zip(np.unique(folds).tolist(), m["thresholds"])))
         report["verification"][name] = m
         if m.get("n_genuine") and m.get("n_impostor"):
             fpr, tpr, _ = roc_curve(scores, labels)
@@ -212,9 +228,9 @@ def evaluate(model, *, pairs: Sequence[Tuple[str, str]] = (), root: Optional[str
 
     # -- age estimation ---------------------------------------------------------------------------------------
     if ages:
-        labels_map, info = read_age_labels(ages, root=ages_root)
+        info = age_info
         present = [p for p in labels_map if os.path.isfile(p)]
-        missing = [p for p in labels_map if p not in set(present)]
+        missing = [p for p in labels_map if not os.path.isfile(p)]
         if missing:
             log(f"{ages}: {len(missing)} labelled image(s) not found, excluded (first: {missing[0]})")
         if not present:

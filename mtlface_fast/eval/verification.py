@@ -115,6 +115,36 @@ def kfold_accuracy(scores, labels, n_folds: int = 10, folds: Optional[Sequence[i
                 fold_sizes=sizes, threshold=best_threshold(s, y)[0])
 
 
+def accuracy_by_gap(scores, labels, gaps, folds, thresholds, bins=(0, 10, 20, 30, 40)) -> Dict:
+    """Cross-validated accuracy split by the age gap of the pairs.
+
+    Each pair is classified with its own fold's threshold (as in :func:`kfold_accuracy`), and the right
+    answers are pooled per gap bin ``[bins[i], bins[i+1])`` (the last bin open-ended). Pairs with an unknown
+    gap (NaN) are counted under ``n_unknown``.
+
+    Args:
+        gaps: (N,) absolute age differences in years (NaN when a side has no label).
+        folds: (N,) fold of each pair; thresholds: ``{fold: threshold}``.
+    """
+    s, y = _scores_labels(scores, labels)
+    g = np.asarray(gaps, dtype=np.float64)
+    f = np.asarray(folds)
+    if g.shape != s.shape or f.shape != s.shape:
+        raise ValueError(f"gaps and folds must have one entry per pair ({s.size}), got {g.shape} and {f.shape}")
+    thr = np.array([thresholds[k] for k in f.tolist()], dtype=np.float64)
+    correct = (s >= thr) == y
+    known = np.isfinite(g)
+    out = dict(n_unknown=int((~known).sum()), bins={})
+    edges = list(bins) + [np.inf]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = known & (g >= lo) & (g < hi)
+        if m.any():
+            key = f"{lo:g}-{hi:g}" if np.isfinite(hi) else f"{lo:g}+"
+            out["bins"][key] = dict(n_pairs=int(m.sum()), n_genuine=int(y[m].sum()),
+                                    accuracy=float(correct[m].mean()))
+    return out
+
+
 def roc_curve(scores, labels) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds): one point per distinct score, accepting ``score >= threshold``, from
     (0, 0) at threshold +inf to (1, 1) at the lowest score. Needs both genuine and impostor pairs."""
