@@ -228,7 +228,6 @@ def evaluate(model, *, pairs: Sequence[Tuple[str, str]] = (), root: Optional[str
 
     # -- age estimation ---------------------------------------------------------------------------------------
     if ages:
-        info = age_info
         present = [p for p in labels_map if os.path.isfile(p)]
         missing = [p for p in labels_map if not os.path.isfile(p)]
         if missing:
@@ -238,7 +237,7 @@ def evaluate(model, *, pairs: Sequence[Tuple[str, str]] = (), root: Optional[str
         enc = emb.encode_paths(present, desc="ages")
         true = np.array([labels_map[p] for p in enc["paths"]])
         m = age_metrics(enc["age"], true, G, group_logits=enc["group_logits"])
-        m.update(info, n_missing=len(missing), missing=missing,
+        m.update(age_info, n_missing=len(missing), missing=missing,
                  n_unreadable=len(present) - len(enc["paths"]))
         report["age"] = m
         log(f"age: MAE {m['mae']:.2f} years, group accuracy {100 * m['group_accuracy']:.2f}% on {m['n']} image(s)")
