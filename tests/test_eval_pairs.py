@@ -79,7 +79,7 @@ def test_missing_files_reported_with_lines_and_excluded(tmp_path):
     keep = [i for i in range(21) if i not in (1, 20)]
     assert pl.folds.tolist() == full[keep].tolist()
     s = pl.summary()
-    assert s["n_excluded"] == 2 and s["n_missing_files"] == 3 and s["missing"][0] == {"line": 2, "path":
+    assert s["n_excluded"] == 2 and s["n_missing_files"] == 2 and s["missing"][0] == {"line": 2, "path":
                                                                                         str(tmp_path / "gone.jpg")}
     msg = format_missing(pl)
     assert "2 of 21 pair(s) excluded" in msg and "line 2:" in msg and "line 21:" in msg

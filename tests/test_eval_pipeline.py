@@ -116,6 +116,7 @@ def test_verification_identification_age_run(faces, model, tmp_path):
     assert p["n_total"] == 2 * len(names) + 2 and p["n_excluded"] == 2
     assert p["missing"] == [{"line": 4, "path": str(d / "gone.png")}]
     assert p["unreadable"][0]["line"] == 7 and p["unreadable"][0]["path"] == str(d / "corrupt.png")
+    assert p["n_missing_files"] == 1 and p["n_unreadable_files"] == 1
     text = "\n".join(logs)
     assert "line 4:" in text and "gone.png" in text and "line 7:" in text and "1 of 16 pair(s) excluded" in text
     # ages of the originals only: pairs with a copy have no gap; neighbours differ by 5 years, the last by 30

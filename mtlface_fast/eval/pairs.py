@@ -71,7 +71,8 @@ class PairList:
 
     def summary(self) -> Dict:
         return dict(source=self.source, format=self.format, root=self.root, n_total=self.n_total,
-                    n_used=len(self.pairs), n_excluded=len(self.excluded), n_missing_files=len(self.missing),
+                    n_used=len(self.pairs), n_excluded=len(self.excluded),
+                    n_missing_files=len({p for _, p in self.missing}),
                     missing=[dict(line=ln, path=p) for ln, p in self.missing], n_folds=self.n_folds)
 
 
@@ -219,8 +220,8 @@ def format_missing(pl: PairList, limit: int = 20) -> str:
     """A human-readable account of the excluded pairs (empty string when none)."""
     if not pl.excluded:
         return ""
-    lines = [f"{pl.source}: {len(pl.excluded)} of {pl.n_total} pair(s) excluded, {len(pl.missing)} missing image "
-             f"file(s) (relative to {pl.root}):"]
+    lines = [f"{pl.source}: {len(pl.excluded)} of {pl.n_total} pair(s) excluded, "
+             f"{len({p for _, p in pl.missing})} missing image file(s) (relative to {pl.root}):"]
     for lineno, p in pl.missing[:limit]:
         lines.append(f"  line {lineno}: {p}")
     if len(pl.missing) > limit:

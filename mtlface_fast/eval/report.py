@@ -61,8 +61,8 @@ def markdown(report: Dict) -> str:
             if v["pairs"]["n_excluded"]:
                 p = v["pairs"]
                 out.append(f"\n{name}: {p['n_excluded']} of {p['n_total']} pairs excluded "
-                           f"({p['n_missing_files']} missing or unreadable image file(s); listed with their lines "
-                           f"in the JSON report).")
+                           f"({p['n_missing_files']} missing and {p.get('n_unreadable_files', 0)} unreadable image "
+                           f"file(s); listed with their lines in the JSON report).")
             if v.get("by_age_gap", {}).get("bins"):
                 b = v["by_age_gap"]
                 out.append(f"\n{name}, accuracy by labelled age gap (years; each pair judged by its fold's threshold"

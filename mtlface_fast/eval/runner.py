@@ -155,7 +155,7 @@ def evaluate(model, *, pairs: Sequence[Tuple[str, str]] = (), root: Optional[str
         summary = pl.summary()
         summary["n_excluded"] += len(pl.pairs) - len(keep)
         summary["unreadable"] = [dict(line=ln, path=q, reason=why) for ln, q, why in unreadable]
-        summary["n_missing_files"] += len(unreadable)
+        summary["n_unreadable_files"] = len({q for _, q, _ in unreadable})
         m["pairs"] = summary
         if labels_map:
             a_l = [norm_ages.get(_norm(pl.pairs[k].left), np.nan) for k in keep]
