@@ -237,9 +237,32 @@ def _afd_apply_bwd_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------------
 
+try:  # private helpers, present in every torch that has triton_op (2.6+); guarded all the same
+    from torch._library.triton import is_wrap_triton_enabled
+    from torch._subclasses.fake_tensor import is_fake
+except ImportError:  # pragma: no cover
+    def is_wrap_triton_enabled() -> bool:
+        return True
+
+    def is_fake(x) -> bool:
+        return False
+
+
 def _launch_kernels(x: torch.Tensor) -> bool:
-    """Kernels on CUDA, and on CPU when the Triton interpreter is on; else the PyTorch twin."""
-    return x.is_cuda or interpreter_enabled()
+    """Kernels on CUDA, and on CPU when the Triton interpreter is on; else the PyTorch twin.
+
+    Tracing CPU tensors (torch.compile, export, fake shape propagation) takes the twin as well: the
+    interpreter cannot run on fake tensors and Inductor does not emit user Triton kernels for CPU.
+    """
+    if x.is_cuda:
+        return True
+    return interpreter_enabled() and not is_fake(x)
+
+
+def _shapes_only(x: torch.Tensor) -> bool:
+    """A fake CUDA tensor with kernel wrapping off (the fake half of a cross-check such as opcheck):
+    allocate the outputs, launch nothing. Otherwise ``wrap_triton`` records (tracing) or skips (fake) it."""
+    return not is_wrap_triton_enabled() and is_fake(x)
 
 
 def _tile(C: int, H: int, W: int, target: int = 4096):
@@ -270,6 +293,8 @@ def afd_pool(x: torch.Tensor, concat: bool) -> Tuple[torch.Tensor, torch.Tensor,
     sp = torch.empty((B, 2, H, W), device=x.device, dtype=acc)
     sp_idx = torch.empty((B, H, W), device=x.device, dtype=torch.int32)
     block_c, block_p, warps = _tile(C, H, W, target=2048)
+    if _shapes_only(x):
+        return feat, feat_idx, sp, sp_idx
     wrap_triton(_afd_pool_fwd_kernel)[(B,)](
         x, feat, feat_idx, sp, sp_idx, C, *x.stride(),
         H=int(H), W=int(W), CONCAT=concat, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
@@ -286,6 +311,8 @@ def afd_pool_backward(x: torch.Tensor, dfeat: torch.Tensor, feat_idx: torch.Tens
     dfeat, feat_idx, dsp, sp_idx = dfeat.contiguous(), feat_idx.contiguous(), dsp.contiguous(), sp_idx.contiguous()
     dx = torch.empty_like(x)
     block_c, block_p, warps = _tile(C, H, W)
+    if _shapes_only(x):
+        return dx
     wrap_triton(_afd_pool_bwd_kernel)[(B, triton.cdiv(C, block_c))](
         dfeat, feat_idx, dsp, sp_idx, dx, C, *dx.stride(),
         H=int(H), W=int(W), CONCAT=concat, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
@@ -316,6 +343,8 @@ def afd_apply(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor, att_is_age: b
     x_id = torch.empty_like(x)
     x_age = torch.empty_like(x)
     block_c, block_p, warps = _tile(C, H, W)
+    if _shapes_only(x):
+        return x_id, x_age
     wrap_triton(_afd_apply_fwd_kernel)[(B, triton.cdiv(C, block_c))](
         x, cs, ss, x_id, x_age, C, *x.stride(), *x_id.stride(),
         H=int(H), W=int(W), ATT_IS_AGE=att_is_age, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
@@ -335,6 +364,8 @@ def afd_apply_backward(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor, g_id
     dx = torch.empty_like(x)
     dcs = torch.empty((B, C), device=x.device, dtype=cs.dtype)
     dss_part = torch.empty((B, nblk, H, W), device=x.device, dtype=cs.dtype)
+    if _shapes_only(x):
+        return dx, dcs, dss_part.sum(1)
     wrap_triton(_afd_apply_bwd_kernel)[(B, nblk)](
         x, cs, ss, g_id, g_age, dx, dcs, dss_part, C, nblk,
         *x.stride(), *g_id.stride(), *g_age.stride(), *dx.stride(),

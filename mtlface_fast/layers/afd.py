@@ -64,8 +64,15 @@ def pool_torch(x: torch.Tensor, concat: bool) -> Tuple[torch.Tensor, torch.Tenso
     avg, mx = torch.cat(avg, 1), torch.cat(mx, 1)
     feat = torch.cat([avg, mx], 1) if concat else avg + mx
     cmax, cidx = xs.max(1)
-    sp = torch.stack([cmax, xs.mean(1)], 1)
-    return feat, torch.cat(idx, 1).to(torch.int32), sp, cidx.to(torch.int32)
+    sp = torch.stack([cmax, xs.mean(1)], 1).contiguous()
+    return feat, torch.cat(idx, 1).to(torch.int32), sp, cidx.to(torch.int32).contiguous()
+
+
+def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` in x's dtype and memory format (the layout the kernels write: that of ``empty_like(x)``)."""
+    fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+           else torch.contiguous_format)
+    return t.to(x.dtype).contiguous(memory_format=fmt)
 
 
 def _mask(cs: torch.Tensor, ss: torch.Tensor) -> torch.Tensor:
@@ -82,7 +89,7 @@ def apply_torch(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor, att_is_age:
     xs = x.to(cs.dtype)
     att = xs * _mask(cs, ss)
     res = xs - att
-    att, res = att.to(x.dtype), res.to(x.dtype)
+    att, res = _like(att, x), _like(res, x)
     return (res, att) if att_is_age else (att, res)
 
 
@@ -94,7 +101,7 @@ def apply_backward_torch(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor, g_
     g_att, g_res = (g_age, g_id) if att_is_age else (g_id, g_age)
     g_res = g_res.to(acc)
     d = g_att.to(acc) - g_res
-    dx = torch.empty_like(x).copy_(g_res + d * _mask(cs, ss))
+    dx = _like(g_res + d * _mask(cs, ss), x)
     dm = d * x.to(acc) * 0.5
     return dx, dm.sum((2, 3)), dm.sum(1)
 
@@ -127,7 +134,7 @@ def pool_backward_torch(x: torch.Tensor, dfeat: torch.Tensor, feat_idx: torch.Te
         off += n
     dx += dsp[:, 1].reshape(B, 1, H * W) / C
     dx.scatter_add_(1, sp_idx.reshape(B, 1, H * W).long(), dsp[:, 0].reshape(B, 1, H * W))
-    return torch.empty_like(x).copy_(dx.view(B, C, H, W))
+    return _like(dx.view(B, C, H, W), x)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,9 +163,11 @@ def _batch_norm_train(z: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
 
 
 def _fold(weight: torch.Tensor, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
-    w = weight.float() * scale.view(-1, *([1] * (weight.dim() - 1)))
-    return w, bn.bias.float() - bn.running_mean.float() * scale
+    """(weight', bias') of ``bn(conv(., weight))`` with eval statistics, in fp32 (fp64 for fp64 weights)."""
+    acc = stats_dtype(weight.dtype)
+    scale = bn.weight.to(acc) * torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    w = weight.to(acc) * scale.view(-1, *([1] * (weight.dim() - 1)))
+    return w, bn.bias.to(acc) - bn.running_mean.to(acc) * scale
 
 
 class FusedAttentionModule(AttentionModule):
