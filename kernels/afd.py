@@ -1,0 +1,420 @@
+"""Fused AFD passes over the (B, C, H, W) feature map: pooling, decomposition, and their backward.
+
+Ops (``torch.ops.mtlface_fast.*``), each a ``triton_op`` whose PyTorch twin in
+:mod:`mtlface_fast.layers.afd` is also its export decomposition:
+
+* ``afd_pool(x, concat) -> (feat, feat_idx, sp, sp_idx)``: reads x once; SPP avg/max at sizes 1, 2, 3
+  with PyTorch's adaptive windows (start = floor(i*H/s), end = ceil((i+1)*H/s)) in (size, c, i, j) order,
+  summed (CVPR) or concatenated avg-then-max (TPAMI), plus max and mean over channels per pixel. The
+  argmax of every max (first in window order, as PyTorch) is returned for backward.
+* ``afd_apply(x, cs, ss, att_is_age) -> (x_id, x_age)``: reads x once, writes both outputs.
+* ``afd_pool_backward`` / ``afd_apply_backward``: their gradients, one pass each; the reductions over
+  pixels and channels are per-program fp32 partials summed on the host (deterministic, no atomics).
+
+Every statistic is fp32 (fp64 for fp64 inputs) whatever the input dtype; any input strides
+(contiguous, channels_last, sliced) are read as they are. One program covers one sample's
+(BLOCK_C, H*W) tile row block; the batch is on grid axis 0 (no 65535 limit).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from mtlface_fast.backend import interpreter_enabled
+from mtlface_fast.layers.afd import (SPP_BINS, apply_backward_torch, apply_torch, pool_backward_torch,
+                                     pool_torch, stats_dtype)
+
+from .utils import check_same_device, register_decomposition
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _afd_pool_fwd_kernel(
+    x_ptr,  # (B, C, H, W) input, any strides
+    feat_ptr,  # (B, K) pooled features, K = 14C (CONCAT=False: avg + max) or 28C (avg then max)
+    fidx_ptr,  # (B, 14C) int32 flat pixel index of the max of every max-SPP bin
+    sp_ptr,  # (B, 2, H*W) [max over channels, mean over channels]
+    spidx_ptr,  # (B, H*W) int32 channel index of the max over channels
+    C, stride_xb, stride_xc, stride_xh, stride_xw,
+    H: tl.constexpr, W: tl.constexpr, CONCAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    acc_ty = feat_ptr.dtype.element_ty
+    offs_p = tl.arange(0, BLOCK_P)
+    ph = offs_p // W
+    pw = offs_p % W
+    p_mask = offs_p < H * W
+    nbins = 14 * C
+    x_base = x_ptr + b * stride_xb + ph * stride_xh + pw * stride_xw  # (BLOCK_P,) pixel pointers
+    if CONCAT:
+        feat_base = feat_ptr + b * (2 * nbins)
+    else:
+        feat_base = feat_ptr + b * nbins
+    fidx_base = fidx_ptr + b * nbins
+    cmax = tl.full((BLOCK_P,), float("-inf"), acc_ty)
+    cidx = tl.zeros((BLOCK_P,), tl.int32)
+    csum = tl.zeros((BLOCK_P,), acc_ty)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = offs_c < C
+        mask = c_mask[:, None] & p_mask[None, :]
+        v = tl.load(x_base[None, :] + offs_c[:, None] * stride_xc, mask=mask, other=float("-inf")).to(acc_ty)
+        # Max over channels; ties go to the lowest channel (strict > across blocks, min index within).
+        bmax = tl.max(v, axis=0)
+        bidx = tl.min(tl.where(v == bmax[None, :], offs_c[:, None], C), axis=0)
+        better = bmax > cmax
+        cidx = tl.where(better, bidx, cidx)
+        cmax = tl.where(better, bmax, cmax)
+        csum += tl.sum(tl.where(mask, v, 0.0), axis=0)
+        # SPP bins, unrolled: window bounds are compile-time constants for a given (H, W).
+        for s in tl.static_range(1, 4):
+            for i in tl.static_range(0, s):
+                for j in tl.static_range(0, s):
+                    h0 = (i * H) // s
+                    h1 = ((i + 1) * H + s - 1) // s
+                    w0 = (j * W) // s
+                    w1 = ((j + 1) * W + s - 1) // s
+                    win = (ph >= h0) & (ph < h1) & (pw >= w0) & (pw < w1)
+                    vw = tl.where(win[None, :], v, float("-inf"))
+                    wmax = tl.max(vw, axis=1)
+                    # first max in row-major window order, like PyTorch's adaptive max pool
+                    widx = tl.min(tl.where(vw == wmax[:, None], offs_p[None, :], BLOCK_P), axis=1)
+                    wavg = tl.sum(tl.where(win[None, :], v, 0.0), axis=1) / ((h1 - h0) * (w1 - w0))
+                    k = ((s - 1) * s * (2 * s - 1) // 6) * C + offs_c * (s * s) + (i * s + j)
+                    if CONCAT:
+                        tl.store(feat_base + k, wavg, mask=c_mask)
+                        tl.store(feat_base + nbins + k, wmax, mask=c_mask)
+                    else:
+                        tl.store(feat_base + k, wavg + wmax, mask=c_mask)
+                    tl.store(fidx_base + k, widx, mask=c_mask)
+    sp_base = sp_ptr + b * (2 * H * W)
+    tl.store(sp_base + offs_p, cmax, mask=p_mask)
+    tl.store(sp_base + H * W + offs_p, csum / C, mask=p_mask)
+    tl.store(spidx_ptr + b * (H * W) + offs_p, cidx, mask=p_mask)
+
+
+@triton.jit
+def _afd_pool_bwd_kernel(
+    dfeat_ptr,  # (B, K) gradient of feat (layout as in the forward)
+    fidx_ptr,  # (B, 14C) int32 argmax pixels of the max-SPP bins
+    dsp_ptr,  # (B, 2, H*W) gradient of sp
+    spidx_ptr,  # (B, H*W) int32 argmax channels of the max over channels
+    dx_ptr,  # (B, C, H, W) output, any strides
+    C, stride_db, stride_dc, stride_dh, stride_dw,
+    H: tl.constexpr, W: tl.constexpr, CONCAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc_ty = dfeat_ptr.dtype.element_ty
+    offs_p = tl.arange(0, BLOCK_P)
+    ph = offs_p // W
+    pw = offs_p % W
+    p_mask = offs_p < H * W
+    c_mask = offs_c < C
+    nbins = 14 * C
+    if CONCAT:
+        dfeat_base = dfeat_ptr + b * (2 * nbins)
+    else:
+        dfeat_base = dfeat_ptr + b * nbins
+    fidx_base = fidx_ptr + b * nbins
+    dsp_base = dsp_ptr + b * (2 * H * W)
+    dmax_c = tl.load(dsp_base + offs_p, mask=p_mask, other=0.0)
+    dmean_c = tl.load(dsp_base + H * W + offs_p, mask=p_mask, other=0.0)
+    sidx = tl.load(spidx_ptr + b * (H * W) + offs_p, mask=p_mask, other=-1)
+    acc = tl.zeros((BLOCK_C, BLOCK_P), acc_ty) + (dmean_c / C)[None, :]
+    acc += tl.where(offs_c[:, None] == sidx[None, :], dmax_c[None, :], 0.0)
+    for s in tl.static_range(1, 4):
+        for i in tl.static_range(0, s):
+            for j in tl.static_range(0, s):
+                h0 = (i * H) // s
+                h1 = ((i + 1) * H + s - 1) // s
+                w0 = (j * W) // s
+                w1 = ((j + 1) * W + s - 1) // s
+                win = (ph >= h0) & (ph < h1) & (pw >= w0) & (pw < w1)
+                k = ((s - 1) * s * (2 * s - 1) // 6) * C + offs_c * (s * s) + (i * s + j)
+                da = tl.load(dfeat_base + k, mask=c_mask, other=0.0)
+                if CONCAT:
+                    dm = tl.load(dfeat_base + nbins + k, mask=c_mask, other=0.0)
+                else:
+                    dm = da
+                widx = tl.load(fidx_base + k, mask=c_mask, other=-1)
+                acc += tl.where(win[None, :], (da / ((h1 - h0) * (w1 - w0)))[:, None], 0.0)
+                acc += tl.where(offs_p[None, :] == widx[:, None], dm[:, None], 0.0)
+    mask = c_mask[:, None] & p_mask[None, :]
+    ptrs = dx_ptr + b * stride_db + offs_c[:, None] * stride_dc + (ph * stride_dh + pw * stride_dw)[None, :]
+    tl.store(ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _afd_apply_fwd_kernel(
+    x_ptr,  # (B, C, H, W) input, any strides
+    cs_ptr,  # (B, C) channel scale (stats dtype)
+    ss_ptr,  # (B, H*W) spatial scale (stats dtype)
+    id_ptr,  # (B, C, H, W) x_id output, strides stride_o*
+    age_ptr,  # (B, C, H, W) x_age output, same strides as x_id
+    C, stride_xb, stride_xc, stride_xh, stride_xw, stride_ob, stride_oc, stride_oh, stride_ow,
+    H: tl.constexpr, W: tl.constexpr, ATT_IS_AGE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc_ty = cs_ptr.dtype.element_ty
+    offs_p = tl.arange(0, BLOCK_P)
+    ph = offs_p // W
+    pw = offs_p % W
+    mask = (offs_c < C)[:, None] & (offs_p < H * W)[None, :]
+    x = tl.load(x_ptr + b * stride_xb + offs_c[:, None] * stride_xc + (ph * stride_xh + pw * stride_xw)[None, :],
+                mask=mask, other=0.0).to(acc_ty)
+    cs = tl.load(cs_ptr + b * C + offs_c, mask=offs_c < C, other=0.0)
+    ss = tl.load(ss_ptr + b * (H * W) + offs_p, mask=offs_p < H * W, other=0.0)
+    att = x * ((cs[:, None] + ss[None, :]) * 0.5)
+    res = x - att
+    o = b * stride_ob + offs_c[:, None] * stride_oc + (ph * stride_oh + pw * stride_ow)[None, :]
+    out_ty = id_ptr.dtype.element_ty
+    if ATT_IS_AGE:
+        tl.store(age_ptr + o, att.to(out_ty), mask=mask)
+        tl.store(id_ptr + o, res.to(out_ty), mask=mask)
+    else:
+        tl.store(id_ptr + o, att.to(out_ty), mask=mask)
+        tl.store(age_ptr + o, res.to(out_ty), mask=mask)
+
+
+@triton.jit
+def _afd_apply_bwd_kernel(
+    x_ptr,  # (B, C, H, W) forward input, strides stride_x*
+    cs_ptr,  # (B, C) channel scale
+    ss_ptr,  # (B, H*W) spatial scale
+    gid_ptr,  # (B, C, H, W) gradient of x_id, strides stride_i*
+    gage_ptr,  # (B, C, H, W) gradient of x_age, strides stride_a*
+    dx_ptr,  # (B, C, H, W) output, strides stride_d*
+    dcs_ptr,  # (B, C) output: gradient of cs (complete: one program holds all pixels of a channel)
+    dss_ptr,  # (B, NBLK, H*W) output: per-channel-block partial gradients of ss, summed on the host
+    C, NBLK,
+    stride_xb, stride_xc, stride_xh, stride_xw, stride_ib, stride_ic, stride_ih, stride_iw,
+    stride_ab, stride_ac, stride_ah, stride_aw, stride_db, stride_dc, stride_dh, stride_dw,
+    H: tl.constexpr, W: tl.constexpr, ATT_IS_AGE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1)
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc_ty = cs_ptr.dtype.element_ty
+    offs_p = tl.arange(0, BLOCK_P)
+    ph = offs_p // W
+    pw = offs_p % W
+    c_mask = offs_c < C
+    p_mask = offs_p < H * W
+    mask = c_mask[:, None] & p_mask[None, :]
+    pix = ph * stride_xh + pw * stride_xw
+    x = tl.load(x_ptr + b * stride_xb + offs_c[:, None] * stride_xc + pix[None, :], mask=mask, other=0.0).to(acc_ty)
+    g_id = tl.load(gid_ptr + b * stride_ib + offs_c[:, None] * stride_ic + (ph * stride_ih + pw * stride_iw)[None, :],
+                   mask=mask, other=0.0).to(acc_ty)
+    g_age = tl.load(gage_ptr + b * stride_ab + offs_c[:, None] * stride_ac + (ph * stride_ah + pw * stride_aw)[None, :],
+                    mask=mask, other=0.0).to(acc_ty)
+    if ATT_IS_AGE:
+        g_att = g_age
+        g_res = g_id
+    else:
+        g_att = g_id
+        g_res = g_age
+    cs = tl.load(cs_ptr + b * C + offs_c, mask=c_mask, other=0.0)
+    ss = tl.load(ss_ptr + b * (H * W) + offs_p, mask=p_mask, other=0.0)
+    d = g_att - g_res
+    dx = g_res + d * ((cs[:, None] + ss[None, :]) * 0.5)
+    tl.store(dx_ptr + b * stride_db + offs_c[:, None] * stride_dc + (ph * stride_dh + pw * stride_dw)[None, :],
+             dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    dm = d * x * 0.5  # masked lanes are 0 (x and grads loaded as 0)
+    tl.store(dcs_ptr + b * C + offs_c, tl.sum(dm, axis=1), mask=c_mask)
+    tl.store(dss_ptr + (b * NBLK + cb) * (H * W) + offs_p, tl.sum(dm, axis=0), mask=p_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+
+try:  # private helpers, present in every torch that has triton_op (2.6+); guarded all the same
+    from torch._library.triton import is_wrap_triton_enabled
+    from torch._subclasses.fake_tensor import is_fake
+except ImportError:  # pragma: no cover
+    def is_wrap_triton_enabled() -> bool:
+        return True
+
+    def is_fake(x) -> bool:
+        return False
+
+
+def _launch_kernels(x: torch.Tensor) -> bool:
+    """Kernels on CUDA, and on CPU when the Triton interpreter is on; else the PyTorch twin.
+
+    Tracing CPU tensors (torch.compile, export, fake shape propagation) takes the twin as well: the
+    interpreter cannot run on fake tensors and Inductor does not emit user Triton kernels for CPU.
+    """
+    if x.is_cuda:
+        return True
+    return interpreter_enabled() and not is_fake(x)
+
+
+def _shapes_only(x: torch.Tensor) -> bool:
+    """A fake CUDA tensor with kernel wrapping off (the fake half of a cross-check such as opcheck):
+    allocate the outputs, launch nothing. Otherwise ``wrap_triton`` records (tracing) or skips (fake) it."""
+    return not is_wrap_triton_enabled() and is_fake(x)
+
+
+def _tile(C: int, H: int, W: int, target: int = 4096):
+    """(BLOCK_C, BLOCK_P, num_warps): a (BLOCK_C, BLOCK_P) tile of about ``target`` elements."""
+    block_p = triton.next_power_of_2(H * W)
+    block_c = max(1, min(triton.next_power_of_2(C), target // block_p))
+    return block_c, block_p, (4 if block_c * block_p <= 2048 else 8)
+
+
+def _check_x(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D (B, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+
+
+@triton_op("mtlface_fast::afd_pool", mutates_args=())
+def afd_pool(x: torch.Tensor, concat: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pooled inputs of both AFD branches in one pass over ``x``; see :func:`mtlface_fast.layers.afd.pool_torch`."""
+    _check_x(x)
+    if not _launch_kernels(x):
+        return pool_torch(x, concat)
+    B, C, H, W = x.shape
+    acc = stats_dtype(x.dtype)
+    nbins = SPP_BINS * C
+    feat = torch.empty((B, nbins * (2 if concat else 1)), device=x.device, dtype=acc)
+    feat_idx = torch.empty((B, nbins), device=x.device, dtype=torch.int32)
+    sp = torch.empty((B, 2, H, W), device=x.device, dtype=acc)
+    sp_idx = torch.empty((B, H, W), device=x.device, dtype=torch.int32)
+    block_c, block_p, warps = _tile(C, H, W, target=2048)
+    if _shapes_only(x):
+        return feat, feat_idx, sp, sp_idx
+    wrap_triton(_afd_pool_fwd_kernel)[(B,)](
+        x, feat, feat_idx, sp, sp_idx, C, *x.stride(),
+        H=int(H), W=int(W), CONCAT=concat, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
+    return feat, feat_idx, sp, sp_idx
+
+
+@triton_op("mtlface_fast::afd_pool_backward", mutates_args=())
+def afd_pool_backward(x: torch.Tensor, dfeat: torch.Tensor, feat_idx: torch.Tensor, dsp: torch.Tensor,
+                      sp_idx: torch.Tensor, concat: bool) -> torch.Tensor:
+    """dx of :func:`afd_pool` (``x`` gives shape, dtype and layout only)."""
+    if not _launch_kernels(x):
+        return pool_backward_torch(x, dfeat, feat_idx, dsp, sp_idx, concat)
+    B, C, H, W = x.shape
+    dfeat, feat_idx, dsp, sp_idx = dfeat.contiguous(), feat_idx.contiguous(), dsp.contiguous(), sp_idx.contiguous()
+    dx = torch.empty_like(x)
+    block_c, block_p, warps = _tile(C, H, W)
+    if _shapes_only(x):
+        return dx
+    wrap_triton(_afd_pool_bwd_kernel)[(B, triton.cdiv(C, block_c))](
+        dfeat, feat_idx, dsp, sp_idx, dx, C, *dx.stride(),
+        H=int(H), W=int(W), CONCAT=concat, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
+    return dx
+
+
+def _check_scales(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor) -> None:
+    _check_x(x)
+    B, C, H, W = x.shape
+    if tuple(cs.shape) != (B, C):
+        raise ValueError(f"cs must have shape (B, C) = {(B, C)}, got {tuple(cs.shape)}")
+    if tuple(ss.shape) != (B, H, W):
+        raise ValueError(f"ss must have shape (B, H, W) = {(B, H, W)}, got {tuple(ss.shape)}")
+    if cs.dtype != stats_dtype(x.dtype) or ss.dtype != cs.dtype:
+        raise TypeError(f"cs and ss must be {stats_dtype(x.dtype)} for x of {x.dtype}, got {cs.dtype} and {ss.dtype}")
+    check_same_device(x=x, cs=cs, ss=ss)
+
+
+@triton_op("mtlface_fast::afd_apply", mutates_args=())
+def afd_apply(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor, att_is_age: bool
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x_id, x_age) in one pass over ``x``; see :func:`mtlface_fast.layers.afd.apply_torch`."""
+    _check_scales(x, cs, ss)
+    if not _launch_kernels(x):
+        return apply_torch(x, cs, ss, att_is_age)
+    B, C, H, W = x.shape
+    cs, ss = cs.contiguous(), ss.contiguous()
+    x_id = torch.empty_like(x)
+    x_age = torch.empty_like(x)
+    block_c, block_p, warps = _tile(C, H, W)
+    if _shapes_only(x):
+        return x_id, x_age
+    wrap_triton(_afd_apply_fwd_kernel)[(B, triton.cdiv(C, block_c))](
+        x, cs, ss, x_id, x_age, C, *x.stride(), *x_id.stride(),
+        H=int(H), W=int(W), ATT_IS_AGE=att_is_age, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
+    return x_id, x_age
+
+
+@triton_op("mtlface_fast::afd_apply_backward", mutates_args=())
+def afd_apply_backward(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor, g_id: torch.Tensor,
+                       g_age: torch.Tensor, att_is_age: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dcs, dss) of :func:`afd_apply` given the gradients of x_id and x_age."""
+    if not _launch_kernels(x):
+        return apply_backward_torch(x, cs, ss, g_id, g_age, att_is_age)
+    B, C, H, W = x.shape
+    cs, ss = cs.contiguous(), ss.contiguous()
+    block_c, block_p, warps = _tile(C, H, W)
+    nblk = triton.cdiv(C, block_c)
+    dx = torch.empty_like(x)
+    dcs = torch.empty((B, C), device=x.device, dtype=cs.dtype)
+    dss_part = torch.empty((B, nblk, H, W), device=x.device, dtype=cs.dtype)
+    if _shapes_only(x):
+        return dx, dcs, dss_part.sum(1)
+    wrap_triton(_afd_apply_bwd_kernel)[(B, nblk)](
+        x, cs, ss, g_id, g_age, dx, dcs, dss_part, C, nblk,
+        *x.stride(), *g_id.stride(), *g_age.stride(), *dx.stride(),
+        H=int(H), W=int(W), ATT_IS_AGE=att_is_age, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
+    return dx, dcs, dss_part.sum(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------
+
+def _pool_setup_context(ctx, inputs, output):
+    x, concat = inputs
+    _, feat_idx, _, sp_idx = output
+    ctx.save_for_backward(x, feat_idx, sp_idx)
+    ctx.concat = concat
+
+
+def _pool_backward(ctx, dfeat, dfeat_idx, dsp, dsp_idx):
+    x, feat_idx, sp_idx = ctx.saved_tensors
+    B, C, H, W = x.shape
+    acc = stats_dtype(x.dtype)
+    if dfeat is None:
+        dfeat = torch.zeros((B, SPP_BINS * C * (2 if ctx.concat else 1)), device=x.device, dtype=acc)
+    if dsp is None:
+        dsp = torch.zeros((B, 2, H, W), device=x.device, dtype=acc)
+    return afd_pool_backward(x, dfeat, feat_idx, dsp, sp_idx, ctx.concat), None
+
+
+def _apply_setup_context(ctx, inputs, output):
+    x, cs, ss, att_is_age = inputs
+    ctx.save_for_backward(x, cs, ss)
+    ctx.att_is_age = att_is_age
+
+
+def _apply_backward(ctx, g_id, g_age):
+    x, cs, ss = ctx.saved_tensors
+    if g_id is None:
+        g_id = torch.zeros_like(x)
+    if g_age is None:
+        g_age = torch.zeros_like(x)
+    dx, dcs, dss = afd_apply_backward(x, cs, ss, g_id, g_age, ctx.att_is_age)
+    return dx, dcs, dss, None
+
+
+afd_pool.register_autograd(_pool_backward, setup_context=_pool_setup_context)
+afd_apply.register_autograd(_apply_backward, setup_context=_apply_setup_context)
+
+register_decomposition(torch.ops.mtlface_fast.afd_pool.default, pool_torch)
+register_decomposition(torch.ops.mtlface_fast.afd_pool_backward.default, pool_backward_torch)
+register_decomposition(torch.ops.mtlface_fast.afd_apply.default, apply_torch)
+register_decomposition(torch.ops.mtlface_fast.afd_apply_backward.default, apply_backward_torch)

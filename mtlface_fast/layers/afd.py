@@ -1,0 +1,249 @@
+"""Fused AFD (attention-based feature decomposition): same keys and behaviour as the reference module.
+
+The reference ``AttentionModule`` runs about forty small ops; the fused one runs three stages:
+
+1. ``pool``: one pass over ``x`` that gives the channel-MLP input (SPP avg/max at sizes 1, 2, 3, summed
+   for CVPR or concatenated for TPAMI) and the spatial-branch input (max and mean over channels), in
+   fp32, plus the argmax of every max so that backward routes gradients like PyTorch does.
+2. the two small branches on those pooled tensors (channel MLP as two GEMMs, 7x7 spatial conv, their
+   BatchNorms and sigmoids); in eval mode each BatchNorm is folded into the layer before it (cached,
+   rebuilt when a parameter or statistic changes); in train mode the batch statistics are fp32 and the
+   running statistics are updated like ``nn.BatchNorm2d`` (unbiased variance, the module's momentum).
+3. ``apply``: one pass over ``x`` that writes both ``x_id`` and ``x_age``.
+
+Stages 1 and 3 are Triton kernels (:mod:`mtlface_fast.kernels.afd`) when
+:func:`mtlface_fast.backend.use_triton_for` says so, else the PyTorch functions below, which compute the
+same math and also serve as the kernels' decompositions for export.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backend import use_triton_for
+from ..reference.afd import SPP_SIZES, AttentionModule
+from .trunk import FoldCache
+
+SPP_BINS = sum(s * s for s in SPP_SIZES)  # 14 pooled values per channel and pooling kind
+MAX_PIXELS = 4096  # H*W of one feature map held by one kernel tile row (64x64)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of pooled features, scales and statistics: fp32 (fp64 for fp64 inputs, for gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch implementation of the two passes over x (torch backend, and the kernels' decompositions)
+# ----------------------------------------------------------------------------------------------------
+
+def pool_torch(x: torch.Tensor, concat: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pooled inputs of both AFD branches.
+
+    Args:
+        x: (B, C, H, W) feature map.
+        concat: TPAMI layout (avg then max, concatenated) when True, CVPR (avg + max) when False.
+
+    Returns:
+        feat: (B, 14C) or (B, 28C) channel-MLP input in (size, c, i, j) order, fp32.
+        feat_idx: (B, 14C) int32, flat pixel index (h*W + w) of every max-SPP bin.
+        sp: (B, 2, H, W) fp32, [max over channels, mean over channels].
+        sp_idx: (B, H, W) int32, channel of the max of every pixel.
+    """
+    xs = x.to(stats_dtype(x.dtype))
+    avg, mx, idx = [], [], []
+    for s in SPP_SIZES:
+        avg.append(F.adaptive_avg_pool2d(xs, s).flatten(1))
+        m, i = F.adaptive_max_pool2d(xs, s, return_indices=True)
+        mx.append(m.flatten(1))
+        idx.append(i.flatten(1))
+    avg, mx = torch.cat(avg, 1), torch.cat(mx, 1)
+    feat = torch.cat([avg, mx], 1) if concat else avg + mx
+    cmax, cidx = xs.max(1)
+    sp = torch.stack([cmax, xs.mean(1)], 1).contiguous()
+    return feat, torch.cat(idx, 1).to(torch.int32), sp, cidx.to(torch.int32).contiguous()
+
+
+def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` in x's dtype and memory format (the layout the kernels write: that of ``empty_like(x)``)."""
+    fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+           else torch.contiguous_format)
+    return t.to(x.dtype).contiguous(memory_format=fmt)
+
+
+def _mask(cs: torch.Tensor, ss: torch.Tensor) -> torch.Tensor:
+    return (cs[:, :, None, None] + ss[:, None]) * 0.5
+
+
+def apply_torch(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor, att_is_age: bool
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x_id, x_age) from x (B, C, H, W), channel scale cs (B, C) and spatial scale ss (B, H, W).
+
+    The attended part is ``x * (cs + ss) / 2`` and the residual part ``x - attended``; CVPR
+    (``att_is_age``) calls the attended part x_age, TPAMI calls it x_id. Computed in fp32.
+    """
+    xs = x.to(cs.dtype)
+    att = xs * _mask(cs, ss)
+    res = xs - att
+    att, res = _like(att, x), _like(res, x)
+    return (res, att) if att_is_age else (att, res)
+
+
+def apply_backward_torch(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor, g_id: torch.Tensor,
+                         g_age: torch.Tensor, att_is_age: bool
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dx, dcs, dss) of :func:`apply_torch` given the gradients of x_id and x_age."""
+    acc = cs.dtype
+    g_att, g_res = (g_age, g_id) if att_is_age else (g_id, g_age)
+    g_res = g_res.to(acc)
+    d = g_att.to(acc) - g_res
+    dx = _like(g_res + d * _mask(cs, ss), x)
+    dm = d * x.to(acc) * 0.5
+    return dx, dm.sum((2, 3)), dm.sum(1)
+
+
+def _windows(size: int, s: int, device, dtype) -> torch.Tensor:
+    """(s, size) 0/1 matrix of PyTorch's adaptive windows [floor(i*size/s), ceil((i+1)*size/s)) on one axis."""
+    m = torch.zeros(s, size, device=device, dtype=dtype)
+    for i in range(s):
+        m[i, (i * size) // s: -(-((i + 1) * size) // s)] = 1
+    return m
+
+
+def pool_backward_torch(x: torch.Tensor, dfeat: torch.Tensor, feat_idx: torch.Tensor, dsp: torch.Tensor,
+                        sp_idx: torch.Tensor, concat: bool) -> torch.Tensor:
+    """dx of :func:`pool_torch` given d(feat) and d(sp); max gradients go to the saved argmax."""
+    B, C, H, W = x.shape
+    acc = dfeat.dtype
+    nb = SPP_BINS * C
+    davg, dmax = (dfeat[:, :nb], dfeat[:, nb:]) if concat else (dfeat, dfeat)
+    dx = torch.zeros(B, C, H * W, device=x.device, dtype=acc)
+    off = 0
+    for s in SPP_SIZES:
+        n = C * s * s
+        da = davg[:, off:off + n].reshape(B, C, s, s)
+        rh, rw = _windows(H, s, x.device, acc), _windows(W, s, x.device, acc)
+        count = rh.sum(1)[:, None] * rw.sum(1)[None, :]
+        dx += torch.einsum("bcij,ih,jw->bchw", da / count, rh, rw).reshape(B, C, H * W)
+        dx.scatter_add_(2, feat_idx[:, off:off + n].reshape(B, C, s * s).long(),
+                        dmax[:, off:off + n].reshape(B, C, s * s))
+        off += n
+    dx += dsp[:, 1].reshape(B, 1, H * W) / C
+    dx.scatter_add_(1, sp_idx.reshape(B, 1, H * W).long(), dsp[:, 0].reshape(B, 1, H * W))
+    return _like(dx.view(B, C, H, W), x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The module
+# ----------------------------------------------------------------------------------------------------
+
+def _batch_norm_train(z: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """BatchNorm with fp32 batch statistics over all dims but 1; running stats updated as nn.BatchNorm2d."""
+    dims = [d for d in range(z.dim()) if d != 1]
+    n = z.numel() // z.shape[1]
+    if n <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(z.shape)}")
+    mean = z.mean(dims, keepdim=True)
+    var = z.var(dims, unbiased=False, keepdim=True)
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
+            rm, rv = bn.running_mean, bn.running_var
+            rm.mul_(1 - momentum).add_(mean.detach().flatten().to(rm.dtype), alpha=momentum)
+            rv.mul_(1 - momentum).add_((var.detach().flatten() * (n / (n - 1))).to(rv.dtype), alpha=momentum)
+    shape = [1] * z.dim()
+    shape[1] = -1
+    y = (z - mean) * torch.rsqrt(var + bn.eps)
+    return y * bn.weight.to(z.dtype).view(shape) + bn.bias.to(z.dtype).view(shape)
+
+
+def _fold(weight: torch.Tensor, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight', bias') of ``bn(conv(., weight))`` with eval statistics, in fp32 (fp64 for fp64 weights)."""
+    acc = stats_dtype(weight.dtype)
+    scale = bn.weight.to(acc) * torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    w = weight.to(acc) * scale.view(-1, *([1] * (weight.dim() - 1)))
+    return w, bn.bias.to(acc) - bn.running_mean.to(acc) * scale
+
+
+class FusedAttentionModule(AttentionModule):
+    """Drop-in :class:`~mtlface_fast.reference.afd.AttentionModule` (same constructor and state dict).
+
+    Args:
+        channels: channels of the feature map (512 in every official model).
+        reduction: channel-MLP reduction of the pooled vector (16).
+        variant: ``"cvpr"`` or ``"tpami"``.
+    """
+
+    def __init__(self, channels: int = 512, reduction: int = 16, variant: str = "cvpr"):
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
+            raise ValueError(f"reduction must be a positive int, got {reduction!r}")
+        pooled = channels * SPP_BINS * (2 if variant == "tpami" else 1)
+        if pooled // reduction < 1:
+            raise ValueError(f"reduction {reduction} leaves no hidden unit for {pooled} pooled features")
+        super().__init__(channels, reduction, variant)
+        self._fold_cache = FoldCache()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.channels:
+            raise ValueError(f"x must have {self.channels} channels (dim 1), got shape {tuple(x.shape)}")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+        if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
+            raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+        if x.shape[2] * x.shape[3] > MAX_PIXELS:
+            raise ValueError(f"x spatial size H*W must be at most {MAX_PIXELS}, got {tuple(x.shape[2:])}")
+        w = self.channel[0].weight
+        if x.device != w.device:
+            raise ValueError(f"x is on {x.device} but the module's parameters are on {w.device}")
+
+    def _build_eval(self):
+        w2, b2 = _fold(self.channel[2].weight.flatten(1), self.channel[3])
+        ws, bs = _fold(self.spatial[0].weight, self.spatial[1])
+        return dict(w2=w2, b2=b2, ws=ws, bs=bs)
+
+    def branch_scales(self, feat: torch.Tensor, sp: torch.Tensor, compute_dtype: torch.dtype
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(channel scale (B, C), spatial scale (B, H, W)) from the pooled tensors, in ``feat.dtype``.
+
+        The GEMMs run in ``compute_dtype`` (the input's dtype) with fp32 outputs of the BatchNorms.
+        """
+        acc = feat.dtype
+        conv_sp = self.spatial[0]
+        pad = conv_sp.padding
+        w1 = self.channel[0].weight.flatten(1).to(compute_dtype)
+        h = F.relu(F.linear(feat.to(compute_dtype), w1))
+        if self.training:
+            z = F.linear(h, self.channel[2].weight.flatten(1).to(compute_dtype)).to(acc)
+            cs = torch.sigmoid(_batch_norm_train(z, self.channel[3]))
+            s = F.conv2d(sp, conv_sp.weight.to(acc), padding=pad)
+            ss = torch.sigmoid(_batch_norm_train(s, self.spatial[1]))
+        else:
+            p = self._fold_cache.get(self, self._build_eval)
+            z = F.linear(h, p["w2"].to(compute_dtype)).to(acc) + p["b2"].to(acc)
+            cs = torch.sigmoid(z)
+            ss = torch.sigmoid(F.conv2d(sp, p["ws"].to(acc), p["bs"].to(acc), padding=pad))
+        return cs, ss[:, 0]
+
+    def forward(self, x: torch.Tensor):
+        self._check_input(x)
+        concat = self.variant == "tpami"
+        att_is_age = self.variant == "cvpr"
+        if use_triton_for(x):
+            from ..kernels import afd as ops
+            pool, apply = ops.afd_pool, ops.afd_apply
+        else:
+            pool, apply = pool_torch, apply_torch
+        feat, _, sp, _ = pool(x, concat)
+        cs, ss = self.branch_scales(feat, sp, x.dtype)
+        return apply(x, cs, ss, att_is_age)

@@ -1,0 +1,259 @@
+"""Fused AFD (kernels/afd.py, layers/afd.py) against the reference AttentionModule.
+
+Both backends: ``torch`` (the PyTorch twin) and ``triton`` (the kernels; in the Triton interpreter when
+there is no GPU). Small channel counts keep the interpreter fast; the kernels take C at run time.
+"""
+import contextlib
+import copy
+
+import pytest
+import torch
+
+from mtlface_fast import use_backend
+from mtlface_fast.kernels import afd as ops
+from mtlface_fast.kernels.utils import DECOMPOSITIONS
+from mtlface_fast.layers import FusedAttentionModule
+from mtlface_fast.layers.afd import pool_torch
+from mtlface_fast.reference.afd import AttentionModule
+from tests.utils import assert_close, max_rel_err, randomize_, tol
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+C = 32  # channels in most tests (the real model has 512; one test runs it)
+
+
+def _pair(variant, channels=C, seed=3, training=False):
+    ref = randomize_(AttentionModule(channels, 16, variant), seed=seed).to(DEVICE)
+    fast = FusedAttentionModule(channels, 16, variant).to(DEVICE)
+    fast.load_state_dict(ref.state_dict())
+    return ref.train(training), fast.train(training)
+
+
+def _x(b, channels=C, hw=(7, 7), channels_last=False, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, channels, *hw, generator=g).to(DEVICE, dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@contextlib.contextmanager
+def _poisoned_allocations():
+    """Every torch.empty / empty_like inside the block returns NaN (floats) or -7 (ints): a kernel that
+    leaves an output element unwritten shows up in the comparison."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    torch.empty = lambda *a, **k: fill(empty(*a, **k))
+    torch.empty_like = lambda *a, **k: fill(empty_like(*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
+def _run(module, x, g_id, g_age, backend):
+    x = x.detach().clone().requires_grad_()
+    with use_backend(backend), _poisoned_allocations():
+        x_id, x_age = module(x)
+        ((x_id.float() * g_id).sum() + (x_age.float() * g_age).sum()).backward()
+    return x_id, x_age, x.grad
+
+
+# (variant, training, channels_last, B, H, W): every variant x mode x layout, B in {1, 3, 8}, one odd size
+CASES = [
+    ("cvpr", False, False, 1, 7, 7), ("cvpr", False, True, 8, 7, 7), ("cvpr", True, False, 3, 7, 7),
+    ("cvpr", True, True, 8, 5, 6), ("tpami", False, False, 3, 7, 7), ("tpami", False, True, 1, 7, 7),
+    ("tpami", True, False, 8, 7, 7), ("tpami", True, True, 3, 7, 7),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("variant,training,channels_last,b,h,w", CASES)
+def test_fp32_matches_reference(backend, variant, training, channels_last, b, h, w):
+    ref, fast = _pair(variant, training=training)
+    x = _x(b, hw=(h, w), channels_last=channels_last, seed=b)
+    g_id, g_age = torch.randn_like(x, memory_format=torch.contiguous_format), torch.randn_like(x)
+    a_id, a_age, a_dx = _run(ref, x, g_id, g_age, "torch")
+    b_id, b_age, b_dx = _run(fast, x, g_id, g_age, backend)
+    assert_close(b_id, a_id, name="x_id")
+    assert_close(b_age, a_age, name="x_age")
+    assert_close(b_dx, a_dx, name="dx")
+    for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
+        assert_close(p_fast.grad, p_ref.grad, name=f"grad {name}")
+    for (name, t_ref), t_fast in zip(ref.named_buffers(), fast.buffers()):
+        if t_ref.is_floating_point():
+            assert_close(t_fast, t_ref, name=name)
+        else:
+            assert torch.equal(t_fast, t_ref), name
+    if channels_last:
+        assert b_id.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant,training", [("cvpr", True), ("tpami", False)])
+def test_low_precision_close_to_fp32_reference(backend, dtype, variant, training):
+    """bf16/fp16 input and weights against the fp32 reference on the same (rounded) values, within the
+    dtype's tolerance or twice the error of the reference itself run in that dtype (flash-attn's rule)."""
+    ref, fast = _pair(variant, training=training)
+    ref.load_state_dict({k: (v.to(dtype).float() if v.is_floating_point() else v)
+                         for k, v in ref.state_dict().items()})
+    low_ref = copy.deepcopy(ref).to(dtype)
+    fast.load_state_dict(ref.state_dict())
+    fast.to(dtype)
+    x = _x(4, seed=5, dtype=dtype)
+    g_id, g_age = torch.randn_like(x, dtype=torch.float32), torch.randn_like(x, dtype=torch.float32)
+    want = _run(ref, x.float(), g_id, g_age, "torch")
+    low = _run(low_ref, x, g_id, g_age, "torch")
+    got = _run(fast, x, g_id, g_age, backend)
+    assert got[0].dtype == dtype and got[2].dtype == dtype
+    pairs = [(n, u, v, w) for n, u, v, w in zip(("x_id", "x_age", "dx"), got, want, low)]
+    pairs += [(f"grad {n}", p_fast.grad, p_ref.grad, p_low.grad) for (n, p_ref), p_fast, p_low
+              in zip(ref.named_parameters(), fast.parameters(), low_ref.parameters())]
+    pairs += [(n, t_fast, t_ref, t_low) for (n, t_ref), t_fast, t_low
+              in zip(ref.named_buffers(), fast.buffers(), low_ref.buffers()) if t_ref.is_floating_point()]
+    for name, u, v, w in pairs:
+        assert_close(u, v, rtol=max(tol(dtype)[0], 2 * max_rel_err(w, v)), name=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_real_channel_count(backend):
+    ref, fast = _pair("cvpr", channels=512)
+    x = _x(2, channels=512, channels_last=True, seed=9)
+    g_id, g_age = torch.randn_like(x), torch.randn_like(x)
+    a = _run(ref, x, g_id, g_age, "torch")
+    b = _run(fast, x, g_id, g_age, backend)
+    for name, u, v in zip(("x_id", "x_age", "dx"), b, a):
+        assert_close(u, v, name=name)
+
+
+def test_pool_kernel_indices_and_ties():
+    """Argmax routing: with ties (quantized input) the kernel picks the same index as PyTorch."""
+    x = (torch.randint(-3, 4, (3, C, 7, 7)).float()).to(DEVICE)
+    with use_backend("triton"), _poisoned_allocations():
+        got = ops.afd_pool(x, True)
+    want = pool_torch(x, True)
+    for name, u, v in zip(("feat", "feat_idx", "sp", "sp_idx"), got, want):
+        if v.is_floating_point():
+            assert_close(u, v, name=name)
+        else:
+            assert torch.equal(u, v), name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_train_batch_of_one_raises_like_reference(backend):
+    ref, fast = _pair("cvpr", training=True)
+    x = _x(1)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ref(x)
+    with use_backend(backend), pytest.raises(ValueError, match="more than 1 value per channel"):
+        fast(x)
+
+
+def test_bad_inputs():
+    _, fast = _pair("cvpr")
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        fast([1.0])
+    with pytest.raises(ValueError, match="4-D"):
+        fast(torch.randn(2, C, 7, device=DEVICE))
+    with pytest.raises(ValueError, match=f"{C} channels"):
+        fast(_x(2, channels=C + 1))
+    with pytest.raises(TypeError, match="float32"):
+        fast(torch.ones(2, C, 7, 7, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="H\\*W"):
+        fast(torch.randn(1, C, 65, 65, device=DEVICE))
+    with pytest.raises(ValueError, match="non-empty"):
+        fast(torch.randn(0, C, 7, 7, device=DEVICE))
+    with pytest.raises(ValueError, match="variant|afd"):
+        FusedAttentionModule(C, 16, "eccv")
+    with pytest.raises(ValueError, match="channels"):
+        FusedAttentionModule(0, 16)
+    with pytest.raises(ValueError, match="reduction"):
+        FusedAttentionModule(C, 0)
+    x = _x(2)
+    with pytest.raises(ValueError, match="cs must have shape"):
+        ops.afd_apply(x, torch.rand(2, C + 1, device=DEVICE), torch.rand(2, 7, 7, device=DEVICE), True)
+    with pytest.raises(TypeError, match="cs and ss"):
+        ops.afd_apply(x, torch.rand(2, C, device=DEVICE, dtype=torch.float64), torch.rand(2, 7, 7, device=DEVICE),
+                      True)
+
+
+def test_device_mismatch_is_reported():
+    _, fast = _pair("cvpr")
+    meta = torch.empty(2, C, 7, 7, device="meta")
+    with pytest.raises(ValueError, match="parameters are on"):
+        fast(meta)
+
+
+def _op_samples():
+    x = _x(2, channels=8, hw=(5, 5), seed=2).requires_grad_()
+    cs = torch.rand(2, 8, device=DEVICE, requires_grad=True)
+    ss = torch.rand(2, 5, 5, device=DEVICE, requires_grad=True)
+    feat, fidx, sp, sidx = pool_torch(x.detach(), False)
+    g = torch.randn_like(x)
+    return [
+        (ops.afd_pool, (x, False)), (ops.afd_pool, (x, True)),
+        (ops.afd_apply, (x, cs, ss, True)), (ops.afd_apply, (x, cs, ss, False)),
+        (ops.afd_apply_backward, (x.detach(), cs.detach(), ss.detach(), g, g * 2, True)),
+        (ops.afd_pool_backward, (x.detach(), torch.randn_like(feat), fidx, torch.randn_like(sp), sidx, False)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_opcheck(index):
+    op, args = _op_samples()[index]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("variant,training", [("cvpr", True), ("tpami", False)])
+def test_gradcheck_float64(backend, variant, training):
+    """Input and every parameter, float64, C=16, 5x5 (fast mode: random directional derivatives)."""
+    _, fast = _pair(variant, channels=16, training=training)
+    fast.double()
+    names = [n for n, _ in fast.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in fast.parameters()]
+    x = _x(3, channels=16, hw=(5, 5), seed=4, dtype=torch.float64).requires_grad_()
+
+    def fn(x, *ps):
+        out = torch.func.functional_call(fast, dict(zip(names, ps)), (x,))
+        return out[0], out[1]
+
+    with use_backend(backend):
+        assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_fullgraph_matches_eager(backend):
+    """torch.compile(fullgraph=True), a training step: outputs, input and parameter gradients and running
+    statistics equal eager. Inductor on CUDA; on CPU ``aot_eager`` (the same capture and autograd tracing,
+    without C++ code generation, which takes minutes here); traced CPU tensors take the PyTorch twin."""
+    compiler = "inductor" if DEVICE == "cuda" else "aot_eager"
+    ref, fast = _pair("cvpr", training=True)
+    eager = _pair("cvpr", training=True)[1]
+    x = _x(4, seed=6)
+    g_id, g_age = torch.randn_like(x), torch.randn_like(x)
+    torch._dynamo.reset()
+    with use_backend(backend):
+        got = _run(torch.compile(fast, fullgraph=True, backend=compiler), x, g_id, g_age, backend)
+        want = _run(eager, x, g_id, g_age, backend)
+    for name, u, v in zip(("x_id", "x_age", "dx"), got, want):
+        assert_close(u, v, name=name)
+    for (name, p_e), p_c in zip(eager.named_parameters(), fast.parameters()):
+        assert_close(p_c.grad, p_e.grad, name=f"grad {name}")
+    for (name, t_e), t_c in zip(eager.named_buffers(), fast.buffers()):
+        assert torch.allclose(t_c.double(), t_e.double(), rtol=1e-5), name
+
+
+def test_export_with_decompositions_has_no_custom_ops():
+    """torch.export of the kernel path, then the registered decompositions: aten only, same outputs."""
+    _, fast = _pair("tpami")
+    x = _x(2, seed=7)
+    with use_backend("triton"):
+        ep = torch.export.export(fast, (x,))
+        assert any("mtlface_fast" in str(n.target) for n in ep.graph.nodes)
+        want = fast(x)
+    ep = ep.run_decompositions(DECOMPOSITIONS)
+    assert not any("mtlface_fast" in str(n.target) for n in ep.graph.nodes)
+    for u, v in zip(ep.module()(x), want):
+        assert_close(u, v)
