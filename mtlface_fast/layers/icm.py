@@ -1,0 +1,269 @@
+"""Compact ICM: the identity conditional module computed on each sample's own channel window.
+
+The reference ICM (:mod:`mtlface_fast.reference.icm`) runs every convolution over all ``conv_dim``
+channels and then multiplies by a 0/1 mask that keeps the ``unit_count`` channels
+``S_g = [s_g, s_g + unit_count)`` of the sample's target group g. Because the masked input of a layer
+is zero outside ``S_g`` and its output is masked to ``S_g``, each layer equals a convolution with the
+weight block ``W[S_g, S_g]`` (``W[S_g, :]`` for the 512 -> conv_dim ``conv1``, ``W[:, S_g]`` for the
+conv_dim -> 512 ``conv2``). The compact state is ``(B, unit_count, h, w)``; the per-channel BN
+parameters, PReLU slopes and biases are sliced to the window. PReLU/LeakyReLU of a zero is zero, so the
+reference's ``act(residual + x)`` over the full width stays zero outside the window and the compact
+state is exact.
+
+Normalization statistics in training mode (``bn_stats``):
+
+* ``"reference"`` (default, exact): the reference BatchNorm statistics run over every sample and every
+  channel, including channels outside a sample's window, where the pre-mask convolution output is *not*
+  zero (``conv1`` reads the full 512-channel input; the 3x3 convolutions have a bias and cross-window
+  weights). This mode therefore computes the full-width pre-mask output ``conv(x_window, W[:, S_g])``
+  (``unit_count`` input channels instead of ``conv_dim``: still ~6x cheaper than the reference) for the
+  statistics and the running-stat update, then keeps the window. Forward and gradients equal the
+  reference's.
+* ``"active"``: the statistics of channel c run only over the samples whose window holds c (the
+  outputs that survive the mask). Running statistics of a channel that no sample in the batch holds are
+  left unchanged; the others are updated as ``nn.BatchNorm2d`` does (unbiased variance, momentum or
+  cumulative average, ``num_batches_tracked`` + 1).
+
+Eval mode folds BN into the window's weights. InstanceNorm (TPAMI variant) is per sample and per
+channel, so it is exact in compact form in both modes.
+
+Which implementation runs follows :mod:`mtlface_fast.backend`: the Triton kernels
+(:mod:`mtlface_fast.kernels.icm_conv`, one launch per layer for the whole batch) or the per-group
+PyTorch path below (the batch is sorted by group; one ``F.conv2d`` per present group and layer).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backend import use_triton_for
+from ..reference.icm import AgingModule, ICMBase
+
+BN_STATS = ("reference", "active")
+
+
+def check_bn_stats(bn_stats: str) -> str:
+    if bn_stats not in BN_STATS:
+        raise ValueError(f"bn_stats must be one of {BN_STATS}, got {bn_stats!r}")
+    return bn_stats
+
+
+def check_icm_inputs(module: ICMBase, x_id: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    """Validate ``icm`` arguments; returns the groups as a 1-D int64 tensor on ``x_id``'s device."""
+    if not isinstance(x_id, torch.Tensor) or x_id.dim() != 4:
+        raise ValueError(f"x_id must be a (B, C, h, w) tensor, got "
+                         f"{tuple(x_id.shape) if isinstance(x_id, torch.Tensor) else type(x_id).__name__}")
+    if x_id.size(1) != module.in_channels:
+        raise ValueError(f"x_id must have {module.in_channels} channels, got {x_id.size(1)}")
+    if not isinstance(condition, torch.Tensor):
+        raise TypeError(f"condition must be an integer tensor of target groups, got {type(condition).__name__}")
+    if condition.dtype.is_floating_point or condition.dtype.is_complex or condition.dtype == torch.bool:
+        raise TypeError(f"condition must have an integer dtype, got {condition.dtype}")
+    if condition.dim() != 1 or condition.numel() != x_id.size(0):
+        raise ValueError(f"condition must have shape ({x_id.size(0)},) (one group per sample), "
+                         f"got {tuple(condition.shape)}")
+    groups = condition.to(device=x_id.device, dtype=torch.long)
+    if not torch.compiler.is_compiling() and groups.numel() > 0:
+        lo, hi = int(groups.min()), int(groups.max())
+        if lo < 0 or hi >= module.age_group:
+            raise ValueError(f"condition values must be age groups in [0, {module.age_group}), "
+                             f"got values in [{lo}, {hi}]")
+    return groups
+
+
+def _uses_batch_stats(norm: nn.Module) -> bool:
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and (norm.training or norm.running_mean is None)
+
+
+def _act(act: nn.Module, x: torch.Tensor, window: slice) -> torch.Tensor:
+    if isinstance(act, nn.PReLU):
+        w = act.weight
+        return F.prelu(x, w[window] if w.numel() > 1 else w)
+    if isinstance(act, nn.LeakyReLU):
+        return F.leaky_relu(x, act.negative_slope)
+    raise TypeError(f"unsupported ICM activation {type(act).__name__}")
+
+
+def _instance_norm(norm: nn.InstanceNorm2d, x: torch.Tensor, window: slice) -> torch.Tensor:
+    if norm.track_running_stats and not norm.training:
+        raise NotImplementedError("compact ICM supports InstanceNorm2d without running statistics only")
+    w = norm.weight[window] if norm.affine else None
+    b = norm.bias[window] if norm.affine else None
+    return F.instance_norm(x, weight=w, bias=b, use_input_stats=True, eps=norm.eps)
+
+
+def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """The momentum ``nn.BatchNorm2d.forward`` would use (after incrementing num_batches_tracked)."""
+    if bn.momentum is None:
+        return 1.0 / float(bn.num_batches_tracked)
+    return bn.momentum
+
+
+def _active_batch_norm(bn: nn.BatchNorm2d, ys: Sequence[torch.Tensor], windows: Sequence[slice]) -> List[torch.Tensor]:
+    """BatchNorm over compact outputs with per-channel statistics over the samples that hold the channel."""
+    C = bn.num_features
+    dev = ys[0].device
+    acc = torch.float64 if ys[0].dtype == torch.float64 else torch.float32  # fp32 statistics at least
+    sums = torch.zeros(C, device=dev, dtype=acc)
+    counts = torch.zeros(C, device=dev, dtype=acc)
+    for y, w in zip(ys, windows):
+        idx = torch.arange(w.start, w.stop, device=dev)
+        sums = sums.index_add(0, idx, y.to(acc).sum((0, 2, 3)))
+        counts = counts.index_add(0, idx, torch.full((w.stop - w.start,), float(y[:, 0].numel()), device=dev,
+                                                     dtype=acc))
+    mean = sums / counts.clamp_min(1.0)
+    sq = torch.zeros(C, device=dev, dtype=acc)
+    for y, w in zip(ys, windows):
+        idx = torch.arange(w.start, w.stop, device=dev)
+        sq = sq.index_add(0, idx, (y.to(acc) - mean[w].view(1, -1, 1, 1)).square().sum((0, 2, 3)))
+    var = sq / counts.clamp_min(1.0)
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            m = _bn_momentum(bn)
+            held = counts > 0
+            unbiased = sq / (counts - 1.0).clamp_min(1.0)
+            bn.running_mean.copy_(torch.where(held, (1 - m) * bn.running_mean + m * mean, bn.running_mean))
+            bn.running_var.copy_(torch.where(held, (1 - m) * bn.running_var + m * unbiased, bn.running_var))
+    rstd = torch.rsqrt(var + bn.eps)
+    out = []
+    for y, w in zip(ys, windows):
+        scale = rstd[w] * (bn.weight[w] if bn.affine else 1.0)
+        shift = -mean[w] * scale + (bn.bias[w] if bn.affine else 0.0)
+        out.append((y.to(acc) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(y.dtype))
+    return out
+
+
+def _conv_norm(conv: nn.Conv2d, norm: nn.Module, xs: Sequence[torch.Tensor], windows: Sequence[slice],
+               win_in: bool, win_out: bool, bn_stats: str) -> List[torch.Tensor]:
+    """``norm(conv(x))`` on each segment, restricted to the window: the compact state of one layer.
+
+    ``xs[i]`` holds the samples of one group (window ``windows[i]``); ``win_in`` / ``win_out`` say
+    whether the convolution's input / output channels are windowed.
+    """
+    W, b = conv.weight, conv.bias
+    pad = conv.padding
+    full = slice(None)
+    if _uses_batch_stats(norm) and (bn_stats == "reference" or not win_out):
+        # Exact reference statistics: full-width pre-mask outputs, one BatchNorm over the whole batch.
+        ys = [F.conv2d(x, W[:, w] if win_in else W, b, 1, pad) for x, w in zip(xs, windows)]
+        sizes = [y.size(0) for y in ys]
+        y = torch.cat(ys) if len(ys) > 1 else ys[0]
+        y = F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, norm.bias, True,
+                         _bn_momentum_for_call(norm), norm.eps)
+        parts = torch.split(y, sizes) if len(ys) > 1 else [y]
+        return [p[:, w] if win_out else p for p, w in zip(parts, windows)]
+    out_ws = windows if win_out else [full] * len(windows)
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm) and not _uses_batch_stats(norm):
+        # Eval BatchNorm folded into the window's weights (fp32 fold, cast to the input's dtype).
+        scale = norm.weight.float() * torch.rsqrt(norm.running_var.float() + norm.eps)
+        shift = norm.bias.float() - norm.running_mean.float() * scale
+        if b is not None:
+            shift = shift + b.float() * scale
+        ys = []
+        for x, w, ow in zip(xs, windows, out_ws):
+            wb = W[ow, w] if win_in else W[ow]
+            wb = wb.float() * scale[ow].view(-1, 1, 1, 1)
+            ys.append(F.conv2d(x, wb.to(x.dtype), shift[ow].to(x.dtype), 1, pad))
+        return ys
+    ys = [F.conv2d(x, W[ow, w] if win_in else W[ow], None if b is None else b[ow], 1, pad)
+          for x, w, ow in zip(xs, windows, out_ws)]
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return _active_batch_norm(norm, ys, out_ws)
+    if isinstance(norm, nn.InstanceNorm2d):
+        return [_instance_norm(norm, y, ow) for y, ow in zip(ys, out_ws)]
+    if norm is None or isinstance(norm, nn.Identity):
+        return ys
+    raise TypeError(f"unsupported ICM normalization {type(norm).__name__}")
+
+
+def _bn_momentum_for_call(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    """Update ``num_batches_tracked`` as ``nn.BatchNorm2d.forward`` does and return the momentum to use."""
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        return _bn_momentum(bn)
+    return 0.0 if bn.momentum is None else bn.momentum
+
+
+def group_segments(groups: torch.Tensor, age_group: int) -> Tuple[torch.Tensor, List[Tuple[int, int, int]]]:
+    """Stable sort order of the batch by group and the ``(group, offset, count)`` of each present group."""
+    order = torch.argsort(groups, stable=True)
+    counts = torch.bincount(groups, minlength=age_group).tolist()
+    segs, off = [], 0
+    for g, n in enumerate(counts):
+        if n:
+            segs.append((g, off, n))
+            off += n
+    return order, segs
+
+
+def compact_icm_torch(module: ICMBase, x_id: torch.Tensor, groups: torch.Tensor, bn_stats: str = "reference"):
+    """The ICM of ``module`` (any :class:`ICMBase`) on compact per-group windows, in PyTorch.
+
+    Args:
+        module: an ICMBase (CVPR or TPAMI variant); its parameters and buffers are used as they are.
+        x_id: (B, in_channels, h, w) identity features.
+        groups: (B,) int64 target groups, already validated.
+        bn_stats: ``"reference"`` or ``"active"`` (training-mode BatchNorm statistics, see module doc).
+
+    Returns:
+        (B, in_channels, h, w), equal to ``ICMBase.icm(module, x_id, groups)``.
+    """
+    U = module.unit_count
+    order, segs = group_segments(groups, module.age_group)
+    windows = [slice(module.starts[g], module.starts[g] + U) for g, _, _ in segs]
+    xs_sorted = x_id.index_select(0, order)
+    xs = [xs_sorted[off:off + n] for _, off, n in segs]
+
+    conv, norm, act = module.conv1[0], module.conv1[1], module.conv1[2]
+    hs = _conv_norm(conv, norm, xs, windows, False, True, bn_stats)
+    hs = [_act(act, h, w) for h, w in zip(hs, windows)]
+    for block in module.transform:
+        ys = _conv_norm(block.conv1[0], block.conv1[1], hs, windows, True, True, bn_stats)
+        ys = [_act(block.relu1, y, w) for y, w in zip(ys, windows)]
+        ys = _conv_norm(block.conv2[0], block.conv2[1], ys, windows, True, True, bn_stats)
+        hs = [_act(block.relu2, h + y, w) for h, y, w in zip(hs, ys, windows)]
+    c2 = module.conv2
+    outs = _conv_norm(c2[0], c2[1] if len(c2) > 1 else None, hs, windows, True, False, bn_stats)
+    if len(c2) > 2:
+        outs = [_act(c2[2], o, slice(None)) for o in outs]
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return out.index_select(0, inverse)
+
+
+class CompactICM:
+    """Mixin for any :class:`ICMBase` subclass: replaces :meth:`icm` by the compact implementation.
+
+    Use as ``class Fast(CompactICM, SomeICM)``; set ``bn_stats`` (``"reference"`` or ``"active"``) as
+    an attribute or through :meth:`set_bn_stats`. The state dict and the module tree are unchanged.
+    """
+
+    bn_stats: str = "reference"
+
+    def set_bn_stats(self, bn_stats: str):
+        self.bn_stats = check_bn_stats(bn_stats)
+        return self
+
+    def icm(self, x_id: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        groups = check_icm_inputs(self, x_id, condition)
+        bn_stats = check_bn_stats(self.bn_stats)
+        if x_id.size(0) == 0:
+            return ICMBase.icm(self, x_id, groups)
+        if use_triton_for(x_id):
+            from ..kernels.icm_conv import compact_icm_triton
+            return compact_icm_triton(self, x_id, groups, bn_stats)
+        return compact_icm_torch(self, x_id, groups, bn_stats)
+
+
+class CompactAgingModule(CompactICM, AgingModule):
+    """The CVPR generator with the compact ICM; same constructor arguments and state dict as AgingModule."""
+
+    def __init__(self, age_group: int = 7, repeat_num: int = 4, sigma: float = 0.1, unit_count: int = 128, *,
+                 bn_stats: str = "reference"):
+        super().__init__(age_group, repeat_num, sigma, unit_count)
+        self.bn_stats = check_bn_stats(bn_stats)
