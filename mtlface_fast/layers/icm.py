@@ -236,6 +236,132 @@ def compact_icm_torch(module: ICMBase, x_id: torch.Tensor, groups: torch.Tensor,
     return out.index_select(0, inverse)
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def compact_icm_triton(module: ICMBase, x_id: torch.Tensor, groups: torch.Tensor, bn_stats: str = "reference"):
+    """The ICM of ``module`` with the Triton window convolutions: one launch per layer for the whole batch.
+
+    Same contract as :func:`compact_icm_torch`. Without gradients in eval mode (CVPR variant) each layer
+    is one fused kernel (BN folded, bias, residual and PReLU in the epilogue); otherwise the
+    differentiable ``icm_conv`` op runs the convolution and the norms and activations follow in
+    PyTorch on the compact state (per-sample parameter windows gathered by index). No host
+    synchronization: group counts and tiles are computed on the device.
+    """
+    from ..kernels import icm_conv as K
+
+    G, U, C = module.age_group, module.unit_count, module.conv_dim
+    dev = x_id.device
+    order = torch.argsort(groups, stable=True)
+    counts = (groups[:, None] == torch.arange(G, device=dev)).sum(0)  # static (G,) shape, unlike bincount
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32)
+    starts = torch.tensor(module.starts, dtype=torch.int32, device=dev)
+    B = x_id.size(0)
+    idx = starts.long()[groups.index_select(0, order)][:, None] + torch.arange(U, device=dev)  # (B, U)
+    dtype = _autocast_dtype(x_id)
+    x = x_id.index_select(0, order).to(dtype)
+
+    def per_sample(v: torch.Tensor, win: bool) -> torch.Tensor:
+        return (v[idx] if win else v.view(1, -1).expand(B, -1))[:, :, None, None]
+
+    def act_of(act: nn.Module, v: torch.Tensor, win: bool) -> torch.Tensor:
+        if isinstance(act, nn.PReLU):
+            slope = act.weight if act.weight.numel() > 1 else act.weight.expand(v.size(1) if not win else C)
+            sl = per_sample(slope, win).to(v.dtype)
+            return torch.where(v > 0, v, v * sl)
+        if isinstance(act, nn.LeakyReLU):
+            return F.leaky_relu(v, act.negative_slope)
+        raise TypeError(f"unsupported ICM activation {type(act).__name__}")
+
+    wants_grad = torch.is_grad_enabled() and (x_id.requires_grad or any(p.requires_grad for p in module.parameters()))
+    fused = (not wants_grad and module.icm_variant == "cvpr" and not _uses_batch_stats(module.conv1[1]))
+
+    def layer(h, conv, norm, act, in_win, out_win, residual=None):
+        W, b = conv.weight, conv.bias
+        if fused and isinstance(norm, nn.modules.batchnorm._BatchNorm) and isinstance(act, nn.PReLU):
+            scale = norm.weight.float() * torch.rsqrt(norm.running_var.float() + norm.eps)
+            shift = norm.bias.float() - norm.running_mean.float() * scale
+            if b is not None:
+                shift = shift + b.float() * scale
+            slope = act.weight.float().expand(W.size(0))
+            return K.icm_conv_fused(h, W, scale, shift, residual, slope, offsets, starts, U, in_win, out_win,
+                                    K.ACT_PRELU, 0.0)
+        if _uses_batch_stats(norm) and (bn_stats == "reference" or not out_win):
+            # Exact reference statistics: the full-width pre-mask output, then the window.
+            if in_win:
+                y = K.icm_conv(h, W.to(h.dtype), None if b is None else b.to(h.dtype), offsets, starts, U,
+                               True, False)
+            else:
+                y = F.conv2d(h, W.to(h.dtype), None if b is None else b.to(h.dtype), 1, conv.padding)
+            y = F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, norm.bias, True,
+                             _bn_momentum_for_call(norm), norm.eps)
+            if out_win:
+                y = torch.gather(y, 1, idx[:, :, None, None].expand(-1, -1, y.size(2), y.size(3)))
+        else:
+            y = K.icm_conv(h, W.to(h.dtype), None if b is None else b.to(h.dtype), offsets, starts, U,
+                           in_win, out_win)
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+                y = _active_batch_norm_windows(norm, y, idx, out_win) if _uses_batch_stats(norm) else \
+                    _eval_batch_norm_windows(norm, y, per_sample, out_win)
+            elif isinstance(norm, nn.InstanceNorm2d):
+                y = _instance_norm(norm, y, slice(None)) if not norm.affine else \
+                    F.instance_norm(y, eps=norm.eps) * per_sample(norm.weight, out_win).to(y.dtype) + \
+                    per_sample(norm.bias, out_win).to(y.dtype)
+            elif norm is not None and not isinstance(norm, nn.Identity):
+                raise TypeError(f"unsupported ICM normalization {type(norm).__name__}")
+        if residual is not None:
+            y = residual + y
+        return act_of(act, y, out_win) if act is not None else y
+
+    h = layer(x, module.conv1[0], module.conv1[1], module.conv1[2], False, True)
+    for block in module.transform:
+        y = layer(h, block.conv1[0], block.conv1[1], block.relu1, True, True)
+        h = layer(y, block.conv2[0], block.conv2[1], block.relu2, True, True, residual=h)
+    c2 = module.conv2
+    out = layer(h, c2[0], c2[1] if len(c2) > 1 else None, c2[2] if len(c2) > 2 else None, True, False)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(B, device=dev)
+    return out.index_select(0, inverse)
+
+
+def _eval_batch_norm_windows(bn, y, per_sample, win):
+    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+    shift = bn.bias.float() - bn.running_mean.float() * scale
+    return (y.float() * per_sample(scale, win) + per_sample(shift, win)).to(y.dtype)
+
+
+def _active_batch_norm_windows(bn, y, idx, win):
+    """``bn_stats="active"`` BatchNorm on a batched compact state (B, U, h, w) with window index (B, U)."""
+    if not win:
+        return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True,
+                            _bn_momentum_for_call(bn), bn.eps)
+    C = bn.num_features
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    B, U = idx.shape
+    hw = y.size(2) * y.size(3)
+    spread = lambda v: torch.zeros((B, C), device=y.device, dtype=acc).scatter(1, idx, v).sum(0)  # noqa: E731
+    counts = spread(torch.full((B, U), float(hw), device=y.device, dtype=acc))
+    mean = spread(y.to(acc).sum((2, 3))) / counts.clamp_min(1.0)
+    centered = y.to(acc) - mean[idx][:, :, None, None]
+    sq = spread(centered.square().sum((2, 3)))
+    var = sq / counts.clamp_min(1.0)
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            m = _bn_momentum(bn)
+            held = counts > 0
+            unbiased = sq / (counts - 1.0).clamp_min(1.0)
+            bn.running_mean.copy_(torch.where(held, (1 - m) * bn.running_mean + m * mean, bn.running_mean))
+            bn.running_var.copy_(torch.where(held, (1 - m) * bn.running_var + m * unbiased, bn.running_var))
+    rstd = torch.rsqrt(var + bn.eps)
+    out = centered * rstd[idx][:, :, None, None]
+    if bn.affine:
+        out = out * bn.weight[idx][:, :, None, None] + bn.bias[idx][:, :, None, None]
+    return out.to(y.dtype)
+
+
 class CompactICM:
     """Mixin for any :class:`ICMBase` subclass: replaces :meth:`icm` by the compact implementation.
 
@@ -254,8 +380,9 @@ class CompactICM:
         bn_stats = check_bn_stats(self.bn_stats)
         if x_id.size(0) == 0:
             return ICMBase.icm(self, x_id, groups)
-        if use_triton_for(x_id):
-            from ..kernels.icm_conv import compact_icm_triton
+        if use_triton_for(x_id) or torch.compiler.is_compiling():
+            # Traced CPU graphs take the op path too (the ops' aten bodies): the per-group PyTorch loop
+            # needs the group counts on the host.
             return compact_icm_triton(self, x_id, groups, bn_stats)
         return compact_icm_torch(self, x_id, groups, bn_stats)
 
