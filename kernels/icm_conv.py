@@ -205,8 +205,11 @@ def _use_kernels(x: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 stays fp32 (IEEE) so the kernels match the reference to ~1e-6; bf16/fp16 ignore it.
+def _dot_precision(x: torch.Tensor) -> str:
+    """fp32 products follow PyTorch's convolution setting: TF32 on CUDA when ``cudnn.allow_tf32`` (its
+    default, what the reference's convolutions use), IEEE fp32 otherwise. bf16/fp16 ignore it."""
+    if x.is_cuda and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
     return "ieee"
 
 
@@ -276,7 +279,7 @@ def _launch_conv(x, weight, offsets, starts, unit, in_win, out_win, n_out, *, sc
         offsets, starts, tile_group, tile_row,
         G, cin, n_out, H, W, w_off, *x.stride(), swo, swi, swh, sww, float(neg_slope),
         IN_WIN=bool(in_win), OUT_WIN=bool(out_win), KS=ks, HAS_SCALE=scale is not None,
-        HAS_SHIFT=shift is not None, HAS_RES=res is not None, ACT=int(act), DOT_PREC=_dot_precision(x.dtype),
+        HAS_SHIFT=shift is not None, HAS_RES=res is not None, ACT=int(act), DOT_PREC=_dot_precision(x),
         BLOCK_M=bm)
     return y
 
@@ -427,7 +430,7 @@ def icm_conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     grid = lambda meta: (triton.cdiv(c_out, meta["BLOCK_N"]), triton.cdiv(c_in, meta["BLOCK_K"]), ks * ks)  # noqa
     wrap_triton(_icm_conv_wgrad_kernel)[grid](
         dy, x, dw, offsets, starts, starts.numel(), cin, dy.size(1), c_out, c_in, H, W, *x.stride(),
-        IN_WIN=bool(in_win), OUT_WIN=bool(out_win), KS=ks, DOT_PREC=_dot_precision(x.dtype))
+        IN_WIN=bool(in_win), OUT_WIN=bool(out_win), KS=ks, DOT_PREC=_dot_precision(x))
     return dw.to(weight.dtype)
 
 

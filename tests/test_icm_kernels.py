@@ -1,7 +1,7 @@
 """Compact ICM (per-group windows) against the reference ICM: PyTorch path and Triton kernels."""
 from __future__ import annotations
 
-import copy
+import os
 
 import pytest
 import torch
@@ -232,6 +232,18 @@ def test_state_dict_and_windows_unchanged():
 # -- Triton kernels (interpreter on CPU; tiny shapes) ------------------------------------------------
 
 K = pytest.importorskip("mtlface_fast.kernels.icm_conv", reason="triton is not installed")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+_runs_kernels = DEV == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+triton_only = pytest.mark.skipif(not _runs_kernels, reason="needs CUDA or the Triton interpreter (TRITON_INTERPRET=1)")
+
+
+@pytest.fixture(autouse=False)
+def ieee_fp32():
+    """fp32 convolutions without TF32 on GPU, for the reference and the kernels alike."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _plan(groups, G, unit, sigma):
@@ -257,11 +269,12 @@ def _layer_args(layer, G=4, unit=8, sigma=0.25, B=5, dtype=torch.float32, seed=0
     x = torch.randn(B, unit if iw else cin_full, 3, 4, generator=gen, dtype=dtype)
     w = torch.randn(cout, cin_full, ks, ks, generator=gen, dtype=dtype) / (cin_full * ks * ks) ** 0.5
     b = torch.randn(cout, generator=gen, dtype=dtype)
-    return x, w, b, offsets, starts, unit, iw, ow
+    return x.to(DEV), w.to(DEV), b.to(DEV), offsets.to(DEV), starts.to(DEV), unit, iw, ow
 
 
+@triton_only
 @pytest.mark.parametrize("layer", LAYERS)
-def test_triton_icm_conv_matches_reference_fwd_bwd(layer):
+def test_triton_icm_conv_matches_reference_fwd_bwd(layer, ieee_fp32):
     x, w, b, offsets, starts, unit, iw, ow = _layer_args(layer)
     x1, w1, b1 = (t.clone().requires_grad_() for t in (x, w, b))
     x2, w2, b2 = (t.clone().requires_grad_() for t in (x, w, b))
@@ -274,13 +287,14 @@ def test_triton_icm_conv_matches_reference_fwd_bwd(layer):
         assert_close(a, e, name=f"grad {n}")
 
 
+@triton_only
 @pytest.mark.parametrize("layer", LAYERS)
-def test_triton_fused_layer_matches_reference(layer):
+def test_triton_fused_layer_matches_reference(layer, ieee_fp32):
     x, w, b, offsets, starts, unit, iw, ow = _layer_args(layer, B=6, seed=2)
     C = w.size(0)
     n_out = unit if ow else C
-    scale, shift, slope = torch.rand(C) + 0.5, torch.randn(C), torch.rand(C) * 0.4
-    res = torch.randn(x.size(0), n_out, 3, 4)
+    scale, shift, slope = torch.rand(C, device=DEV) + 0.5, torch.randn(C, device=DEV), torch.rand(C, device=DEV) * 0.4
+    res = torch.randn(x.size(0), n_out, 3, 4, device=DEV)
     for act, extra in ((K.ACT_PRELU, dict(residual=res)), (K.ACT_LEAKY, dict(residual=None)),
                        (K.ACT_NONE, dict(residual=None))):
         args = (x, w, scale, shift, extra["residual"], slope, offsets, starts, unit, iw, ow, act, 0.2)
@@ -288,28 +302,31 @@ def test_triton_fused_layer_matches_reference(layer):
         assert_close(got, K._ref_fused(*args), name=f"fused act={act}")
 
 
-def test_triton_weight_grad_is_deterministic_and_poison_free():
+@triton_only
+def test_triton_weight_grad_is_deterministic_and_poison_free(ieee_fp32):
     x, w, b, offsets, starts, unit, iw, ow = _layer_args(LAYERS[0], B=7, seed=3)
-    dy = torch.randn(x.size(0), unit, 3, 4)
+    dy = torch.randn(x.size(0), unit, 3, 4, device=DEV)
     a = K.icm_conv_grad_weight(dy, x, w, offsets, starts, unit, iw, ow)
     bb = K.icm_conv_grad_weight(dy, x, w, offsets, starts, unit, iw, ow)
     assert torch.equal(a, bb)
     assert_close(a, K._ref_grad_weight(dy, x, w, offsets, starts, unit, iw, ow), name="grad weight")
 
 
+@triton_only
 @pytest.mark.parametrize("layer", LAYERS)
 def test_triton_ops_opcheck(layer):
     x, w, b, offsets, starts, unit, iw, ow = _layer_args(layer, B=3, seed=4)
     torch.library.opcheck(torch.ops.mtlface_fast.icm_conv.default,
                           (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), offsets, starts, unit, iw, ow))
     C = w.size(0)
-    dy = torch.randn(x.size(0), unit if ow else C, 3, 4)
+    dy = torch.randn(x.size(0), unit if ow else C, 3, 4, device=DEV)
     torch.library.opcheck(torch.ops.mtlface_fast.icm_conv_grad_input.default,
                           (dy, w.detach(), offsets, starts, unit, iw, ow, x.size(1)))
     torch.library.opcheck(torch.ops.mtlface_fast.icm_conv_grad_weight.default,
                           (dy, x.detach(), w.detach(), offsets, starts, unit, iw, ow))
     torch.library.opcheck(torch.ops.mtlface_fast.icm_conv_fused.default,
-                          (x.detach(), w.detach(), torch.rand(C), torch.randn(C), None, torch.rand(C), offsets, starts,
+                          (x.detach(), w.detach(), torch.rand(C, device=DEV), torch.randn(C, device=DEV), None,
+                           torch.rand(C, device=DEV), offsets, starts,
                            unit, iw, ow, K.ACT_PRELU, 0.0))
 
 
@@ -325,7 +342,8 @@ def test_icm_conv_autograd_formula_gradcheck_float64(layer, monkeypatch):
                                     (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()), fast_mode=True)
 
 
-def test_triton_poisoned_output_is_fully_written(monkeypatch):
+@triton_only
+def test_triton_poisoned_output_is_fully_written(monkeypatch, ieee_fp32):
     x, w, b, offsets, starts, unit, iw, ow = _layer_args(LAYERS[0], B=9, seed=6)
     real_empty = torch.empty
 
@@ -343,12 +361,13 @@ TRITON_MODULE_CASES = [("cvpr", "reference", 0.1, 7, 5, "all"), ("cvpr", "refere
                        ("cvpr", "active", 0.125, 4, 5, "mixed"), ("tpami", "reference", 0.125, 7, 1, "mixed")]
 
 
+@triton_only
 @pytest.mark.parametrize("variant,bn_stats,sigma,G,B,kind", TRITON_MODULE_CASES)
-def test_triton_module_matches_reference(variant, bn_stats, sigma, G, B, kind):
+def test_triton_module_matches_reference(variant, bn_stats, sigma, G, B, kind, ieee_fp32):
     ref, fast = _pair(variant, G, sigma, unit=8, cin=12, repeat=1, seed=7)
-    fast.set_bn_stats(bn_stats)
-    x = torch.randn(B, 12, 3, 3)
-    g = _groups(kind, B, G, seed=3)
+    ref, fast = ref.to(DEV), fast.to(DEV).set_bn_stats(bn_stats)
+    x = torch.randn(B, 12, 3, 3, device=DEV)
+    g = _groups(kind, B, G, seed=3).to(DEV)
     with use_backend("triton"):
         ref.eval(), fast.eval()
         with torch.no_grad():
@@ -366,11 +385,12 @@ def test_triton_module_matches_reference(variant, bn_stats, sigma, G, B, kind):
     _buffers_match(fast, ref)
 
 
-def test_triton_eval_with_input_grad_matches_reference():
+@triton_only
+def test_triton_eval_with_input_grad_matches_reference(ieee_fp32):
     ref, fast = _pair("cvpr", 4, 0.25, unit=8, cin=12, repeat=1, seed=8)
-    ref.eval(), fast.eval()
-    x = torch.randn(4, 12, 3, 3)
-    g = torch.tensor([3, 1, 1, 0])
+    ref, fast = ref.to(DEV).eval(), fast.to(DEV).eval()
+    x = torch.randn(4, 12, 3, 3, device=DEV)
+    g = torch.tensor([3, 1, 1, 0], device=DEV)
     xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     with use_backend("triton"):
         yr, yf = ref.icm(xr, g), fast.icm(xf, g)
@@ -396,7 +416,7 @@ def test_ops_decompose_to_aten_for_export():
             return self.icm_module.icm(x, g)
 
     x, g = torch.randn(3, 12, 3, 3), torch.tensor([0, 3, 3])
-    with use_backend("triton"), torch.no_grad():
+    with torch.no_grad():
         expected = fast.icm(x, g)
         ep = torch.export.export(Wrap(), (x, g), strict=False)
     assert any("mtlface_fast" in str(n.target) for n in ep.graph.nodes)
