@@ -1,6 +1,7 @@
 """Compact ICM (per-group windows) against the reference ICM: PyTorch path and Triton kernels."""
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -146,6 +147,21 @@ def test_full_size_train_step_matches_reference():
     assert_close(xf.grad, xr.grad, name="grad x_id")
     _grads_match(fast, ref)
     _buffers_match(fast, ref)
+
+
+def test_torch_eval_cache_follows_parameter_changes():
+    ref, fast = _pair("cvpr", 4, 0.25, unit=8, cin=12, repeat=1, seed=11)
+    ref.eval(), fast.eval()
+    x, g = torch.randn(3, 12, 3, 3), torch.tensor([1, 3, 1])
+    with use_backend("torch"), torch.no_grad():
+        assert_close(fast.icm(x, g), ref.icm(x, g), name="first call")
+        for m in (ref, fast):
+            m.transform[0].conv1[1].running_var.mul_(3.0)
+            m.conv1[0].weight.add_(0.05)
+        assert_close(fast.icm(x, g), ref.icm(x, g), name="after in-place updates")
+        fast.load_state_dict(randomize_(copy.deepcopy(ref), seed=12).state_dict())
+        ref.load_state_dict(fast.state_dict())
+        assert_close(fast.icm(x, g), ref.icm(x, g), name="after load_state_dict")
 
 
 def _active_oracle(module: ICMBase, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

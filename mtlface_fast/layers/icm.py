@@ -149,7 +149,8 @@ def _conv_norm(conv: nn.Conv2d, norm: nn.Module, xs: Sequence[torch.Tensor], win
     full = slice(None)
     if _uses_batch_stats(norm) and (bn_stats == "reference" or not win_out):
         # Exact reference statistics: full-width pre-mask outputs, one BatchNorm over the whole batch.
-        ys = [F.conv2d(x, W[:, w] if win_in else W, b, 1, pad) for x, w in zip(xs, windows)]
+        blocks = _weight_blocks(W, windows, win_in, False)
+        ys = [F.conv2d(x, wb, b, 1, pad) for x, wb in zip(xs, blocks)]
         sizes = [y.size(0) for y in ys]
         y = torch.cat(ys) if len(ys) > 1 else ys[0]
         y = F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, norm.bias, True,
@@ -157,6 +158,7 @@ def _conv_norm(conv: nn.Conv2d, norm: nn.Module, xs: Sequence[torch.Tensor], win
         parts = torch.split(y, sizes) if len(ys) > 1 else [y]
         return [p[:, w] if win_out else p for p, w in zip(parts, windows)]
     out_ws = windows if win_out else [full] * len(windows)
+    blocks = _weight_blocks(W, windows, win_in, win_out)
     if isinstance(norm, nn.modules.batchnorm._BatchNorm) and not _uses_batch_stats(norm):
         # Eval BatchNorm folded into the window's weights (fp32 fold, cast to the input's dtype).
         scale = norm.weight.float() * torch.rsqrt(norm.running_var.float() + norm.eps)
@@ -164,13 +166,11 @@ def _conv_norm(conv: nn.Conv2d, norm: nn.Module, xs: Sequence[torch.Tensor], win
         if b is not None:
             shift = shift + b.float() * scale
         ys = []
-        for x, w, ow in zip(xs, windows, out_ws):
-            wb = W[ow, w] if win_in else W[ow]
+        for x, wb, ow in zip(xs, blocks, out_ws):
             wb = wb.float() * scale[ow].view(-1, 1, 1, 1)
             ys.append(F.conv2d(x, wb.to(x.dtype), shift[ow].to(x.dtype), 1, pad))
         return ys
-    ys = [F.conv2d(x, W[ow, w] if win_in else W[ow], None if b is None else b[ow], 1, pad)
-          for x, w, ow in zip(xs, windows, out_ws)]
+    ys = [F.conv2d(x, wb, None if b is None else b[ow], 1, pad) for x, wb, ow in zip(xs, blocks, out_ws)]
     if isinstance(norm, nn.modules.batchnorm._BatchNorm):
         return _active_batch_norm(norm, ys, out_ws)
     if isinstance(norm, nn.InstanceNorm2d):
@@ -178,6 +178,35 @@ def _conv_norm(conv: nn.Conv2d, norm: nn.Module, xs: Sequence[torch.Tensor], win
     if norm is None or isinstance(norm, nn.Identity):
         return ys
     raise TypeError(f"unsupported ICM normalization {type(norm).__name__}")
+
+
+class _WindowBlocks(torch.autograd.Function):
+    """Stack of the weight blocks of several windows. Backward accumulates each block's gradient into one
+    zero weight gradient in window order (deterministic), instead of one full-size zero tensor per slice."""
+
+    @staticmethod
+    def forward(ctx, W, windows, win_in, win_out):
+        ctx.windows, ctx.win_in, ctx.win_out, ctx.shape = windows, win_in, win_out, W.shape
+        return torch.stack([W[_block_index(w, win_in, win_out)] for w in windows])
+
+    @staticmethod
+    def backward(ctx, grad):
+        dW = grad.new_zeros(ctx.shape)
+        for gb, w in zip(grad.unbind(0), ctx.windows):
+            dW[_block_index(w, ctx.win_in, ctx.win_out)] += gb
+        return dW, None, None, None
+
+
+def _block_index(w: slice, win_in: bool, win_out: bool):
+    full = slice(None)
+    return (w if win_out else full, w if win_in else full)
+
+
+def _weight_blocks(W: torch.Tensor, windows: Sequence[slice], win_in: bool, win_out: bool) -> List[torch.Tensor]:
+    """The weight block of every window (see :class:`_WindowBlocks`)."""
+    if not (win_in or win_out):
+        return [W] * len(windows)
+    return list(_WindowBlocks.apply(W, tuple(windows), win_in, win_out).unbind(0))
 
 
 def _bn_momentum_for_call(bn: nn.modules.batchnorm._BatchNorm) -> float:
@@ -200,6 +229,119 @@ def group_segments(groups: torch.Tensor, age_group: int) -> Tuple[torch.Tensor, 
     return order, segs
 
 
+def _layers(module: ICMBase):
+    """(conv, norm, act, win_in, win_out, takes_residual) of every ICM layer, in order."""
+    c1, c2 = module.conv1, module.conv2
+    out = [(c1[0], c1[1], c1[2], False, True, False)]
+    for block in module.transform:
+        out.append((block.conv1[0], block.conv1[1], block.relu1, True, True, False))
+        out.append((block.conv2[0], block.conv2[1], block.relu2, True, True, True))
+    out.append((c2[0], c2[1] if len(c2) > 1 else None, c2[2] if len(c2) > 2 else None, True, False, False))
+    return out
+
+
+def _group_params(module: ICMBase, windows: Sequence[slice], dtype: torch.dtype):
+    """Per layer: grouped-conv weight (P * O, I, k, k) and bias (P * O,) with eval BatchNorm folded in
+    (fp32 fold, then ``dtype``), and the PReLU slopes (P * O,) (or None), for the windows in order."""
+    P = len(windows)
+    params = []
+    for conv, norm, act, win_in, win_out, _ in _layers(module):
+        out_ws = windows if win_out else [slice(None)] * P
+        W, b = conv.weight, conv.bias
+        w = torch.stack(_weight_blocks(W, windows, win_in, win_out)) if win_in or win_out else \
+            W.unsqueeze(0).expand(P, *W.shape)
+        w = w.reshape(-1, *w.shape[2:])
+        vec = lambda v: torch.cat([v[ow] for ow in out_ws])  # noqa: E731
+        bias = None if b is None else vec(b).float()
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            scale = norm.weight.float() * torch.rsqrt(norm.running_var.float() + norm.eps)
+            shift = norm.bias.float() - norm.running_mean.float() * scale
+            scale, shift = vec(scale), vec(shift)
+            w = w.float() * scale.view(-1, 1, 1, 1)
+            bias = shift if bias is None else shift + bias * scale
+        slope = None
+        if isinstance(act, nn.PReLU):
+            slope = vec(act.weight) if act.weight.numel() > 1 else act.weight
+        params.append((w.to(dtype), None if bias is None else bias.to(dtype),
+                       None if slope is None else slope.to(dtype)))
+    return params
+
+
+class _EvalCache:
+    """Folded per-group parameters of every window, rebuilt when a parameter or statistic changes."""
+
+    def __init__(self):
+        self.key, self.params = None, None
+
+    def get(self, module: ICMBase, dtype: torch.dtype):
+        key = (dtype,) + tuple((t.data_ptr(), t._version) for t in
+                               list(module.parameters()) + list(module.buffers()))
+        if key != self.key:
+            U = module.unit_count
+            windows = [slice(s, s + U) for s in module.starts]
+            with torch.no_grad():
+                self.params = _group_params(module, windows, dtype)
+            self.key = key
+        return self.params
+
+
+def _compact_icm_grouped(module: ICMBase, x_sorted: torch.Tensor, segs, windows) -> torch.Tensor:
+    """ICM without batch statistics (eval BatchNorm, InstanceNorm): every layer is one grouped convolution
+    over the present groups. The sorted batch is laid out (n_max, P * C, h, w): slot (j, p) holds the j-th
+    sample of the p-th present group (zero padding where a group has fewer samples). Without gradients
+    the folded parameters of all groups are cached on the module."""
+    P = len(segs)
+    n_max = max(n for _, _, n in segs)
+    dev = x_sorted.device
+    dtype = _autocast_dtype(x_sorted)
+    wants_grad = torch.is_grad_enabled() and (x_sorted.requires_grad or
+                                              any(p.requires_grad for p in module.parameters()))
+    if wants_grad or torch.compiler.is_compiling():
+        params = _group_params(module, windows, dtype)
+    else:
+        cache = module.__dict__.setdefault("_icm_eval_cache", _EvalCache())
+        params = cache.get(module, dtype)
+        if P < module.age_group:  # keep the present groups' blocks
+            present = [g for g, _, _ in segs]
+            params = [_select_groups(p, present, module.age_group) for p in params]
+    slot = torch.zeros(n_max, P, dtype=torch.long, device=dev)
+    valid = torch.zeros(n_max, P, dtype=torch.bool, device=dev)
+    for p, (_, off, n) in enumerate(segs):
+        slot[:n, p] = torch.arange(off, off + n, device=dev)
+        valid[:n, p] = True
+    x = x_sorted.to(dtype).index_select(0, slot.flatten())
+    if not bool(valid.all()):
+        x = x * valid.flatten().view(-1, 1, 1, 1).to(dtype)
+    h = x.reshape(n_max, -1, *x.shape[2:])
+    block_in = h
+    for (conv, norm, act, win_in, win_out, takes_res), (w, b, slope) in zip(_layers(module), params):
+        if win_in and win_out and not takes_res:
+            block_in = h  # the residual of this block's second convolution
+        y = F.conv2d(h, w, b, 1, conv.padding, 1, P)
+        if isinstance(norm, nn.InstanceNorm2d):
+            y = _instance_norm(norm, y, slice(None))
+        elif norm is not None and not isinstance(norm, (nn.modules.batchnorm._BatchNorm, nn.Identity)):
+            raise TypeError(f"unsupported ICM normalization {type(norm).__name__}")
+        if takes_res:
+            y = block_in + y
+        if slope is not None:
+            y = F.prelu(y, slope)
+        elif act is not None:
+            y = _act(act, y, slice(None))
+        h = y
+    out = h.reshape(n_max * P, -1, *h.shape[2:])
+    # Slot row of each sorted sample: sample j of present group p sits at row j * P + p.
+    rows = torch.cat([torch.arange(n, device=dev) * P + p for p, (_, _, n) in enumerate(segs)])
+    return out.index_select(0, rows)
+
+
+def _select_groups(param, present: List[int], G: int):
+    w, b, slope = param
+    pick = lambda t: None if t is None or t.numel() == 1 else \
+        t.view(G, -1, *t.shape[1:])[present].reshape(-1, *t.shape[1:])  # noqa: E731
+    return pick(w), pick(b), (slope if slope is not None and slope.numel() == 1 else pick(slope))
+
+
 def compact_icm_torch(module: ICMBase, x_id: torch.Tensor, groups: torch.Tensor, bn_stats: str = "reference"):
     """The ICM of ``module`` (any :class:`ICMBase`) on compact per-group windows, in PyTorch.
 
@@ -216,6 +358,10 @@ def compact_icm_torch(module: ICMBase, x_id: torch.Tensor, groups: torch.Tensor,
     order, segs = group_segments(groups, module.age_group)
     windows = [slice(module.starts[g], module.starts[g] + U) for g, _, _ in segs]
     xs_sorted = x_id.index_select(0, order)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    if not any(_uses_batch_stats(m) or (isinstance(m, nn.InstanceNorm2d) and m.affine) for m in module.modules()):
+        return _compact_icm_grouped(module, xs_sorted, segs, windows).index_select(0, inverse)
     xs = [xs_sorted[off:off + n] for _, off, n in segs]
 
     conv, norm, act = module.conv1[0], module.conv1[1], module.conv1[2]
@@ -231,8 +377,6 @@ def compact_icm_torch(module: ICMBase, x_id: torch.Tensor, groups: torch.Tensor,
     if len(c2) > 2:
         outs = [_act(c2[2], o, slice(None)) for o in outs]
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
     return out.index_select(0, inverse)
 
 
