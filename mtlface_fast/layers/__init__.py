@@ -1,5 +1,6 @@
 """nn.Modules over the fast ops; each subclasses its reference module so state dicts load unchanged."""
 from .afd import FusedAttentionModule
+from .icm import CompactAgingModule, CompactICM
 from .trunk import FastBottleneckIR, fold_bn
 
-__all__ = ["FastBottleneckIR", "FusedAttentionModule", "fold_bn"]
+__all__ = ["CompactAgingModule", "CompactICM", "FastBottleneckIR", "FusedAttentionModule", "fold_bn"]

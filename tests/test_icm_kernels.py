@@ -1,0 +1,450 @@
+"""Compact ICM (per-group windows) against the reference ICM: PyTorch path and Triton kernels."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtlface_fast import use_backend
+from mtlface_fast.layers import CompactAgingModule, CompactICM
+from mtlface_fast.reference.icm import AgingModule, ICMBase, router_windows
+from tests.utils import assert_close, max_rel_err, randomize_
+
+
+class CompactBase(CompactICM, ICMBase):
+    """A tiny ICM of either variant with the compact implementation."""
+
+
+def _pair(variant="cvpr", G=7, sigma=0.1, unit=16, cin=24, repeat=2, seed=0):
+    ref = ICMBase(cin, G, unit, sigma, repeat, variant)
+    randomize_(ref, seed=seed)
+    fast = CompactBase(cin, G, unit, sigma, repeat, variant)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _groups(kind, B, G, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "one":
+        return torch.full((B,), G // 2, dtype=torch.long)
+    if kind == "all":  # every group present, unsorted
+        base = torch.arange(B) % G
+        return base[torch.randperm(B, generator=g)]
+    return torch.randint(0, G, (B,), generator=g)
+
+
+def _grads_match(fast, ref, dtype=torch.float32, zero_tol=1e-4):
+    """Every parameter's gradient equals the reference's. Biases feeding a training-mode BatchNorm have a
+    zero gradient in exact arithmetic; both must then be zero up to rounding."""
+    pr = dict(ref.named_parameters())
+    checked = 0
+    for name, p in fast.named_parameters():
+        q = pr[name]
+        if q.grad is None:
+            assert p.grad is None or p.grad.abs().max() == 0, name
+            continue
+        assert p.grad is not None, f"{name}: no gradient"
+        scale = max(float(q.grad.abs().max()), 1e-30)
+        gmax = max((float(t.grad.abs().max()) for t in ref.parameters() if t.grad is not None), default=1.0)
+        if scale < zero_tol * gmax:
+            assert float(p.grad.abs().max()) < zero_tol * gmax, f"{name}: expected ~0 gradient"
+        else:
+            assert_close(p.grad, q.grad, dtype, name=f"grad {name}")
+        checked += 1
+    assert checked > 0
+
+
+def _buffers_match(fast, ref):
+    sr = ref.state_dict()
+    for k, v in fast.state_dict().items():
+        if v.is_floating_point():
+            assert_close(v, sr[k], name=k)
+        else:
+            assert torch.equal(v, sr[k]), k
+
+
+# -- PyTorch path -----------------------------------------------------------------------------------
+
+CASES = [(s, G, B, kind) for s in (0.1, 0.125, 0.3) for G in (4, 7)
+         for B, kind in ((1, "mixed"), (5, "mixed"), (16, "all"), (5, "one"))]
+
+
+@pytest.mark.parametrize("sigma,G,B,kind", CASES)
+def test_torch_eval_and_train_match_reference(sigma, G, B, kind):
+    ref, fast = _pair("cvpr", G, sigma, repeat=1, seed=B)
+    x = torch.randn(B, 24, 4, 3)
+    g = _groups(kind, B, G, seed=B)
+    with use_backend("torch"):
+        ref.eval(), fast.eval()
+        with torch.no_grad():
+            assert_close(fast.icm(x, g), ref.icm(x, g), name="eval")
+        ref.train(), fast.train()
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr, yf = ref.icm(xr, g), fast.icm(xf, g)
+        assert_close(yf, yr, name="train")
+        w = torch.randn_like(yr)
+        (yr * w).sum().backward()
+        (yf * w).sum().backward()
+    assert_close(xf.grad, xr.grad, name="grad x_id")
+    _grads_match(fast, ref)
+    _buffers_match(fast, ref)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_torch_tpami_variant(train):
+    ref, fast = _pair("tpami", 7, 0.125, unit=16)
+    ref.train(train), fast.train(train)
+    x = torch.randn(6, 24, 5, 5)
+    g = torch.tensor([6, 0, 3, 3, 1, 5])
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with use_backend("torch"):
+        yr, yf = ref.icm(xr, g), fast.icm(xf, g)
+    assert_close(yf, yr, name="tpami")
+    w = torch.randn_like(yr)
+    (yr * w).sum().backward()
+    (yf * w).sum().backward()
+    assert_close(xf.grad, xr.grad, name="grad x_id")
+    _grads_match(fast, ref)
+
+
+def test_full_size_generator_matches_reference():
+    ref = randomize_(AgingModule(7, 4, 0.1), seed=3).eval()
+    fast = CompactAgingModule(7, 4, 0.1).eval()
+    fast.load_state_dict(ref.state_dict())
+    torch.manual_seed(1)
+    B = 3
+    img = torch.randn(B, 3, 32, 32)
+    x2, x3, x4 = torch.randn(B, 64, 16, 16), torch.randn(B, 128, 8, 8), torch.randn(B, 256, 4, 4)
+    x_id = torch.randn(B, 512, 2, 2)
+    g = torch.tensor([5, 0, 5])
+    with use_backend("torch"), torch.no_grad():
+        assert_close(fast.icm(x_id, g), ref.icm(x_id, g), name="icm")
+        out_r = ref(img, None, x2, x3, x4, None, x_id, None, g)
+        out_f = fast(img, None, x2, x3, x4, None, x_id, None, g)
+        assert_close(out_f, out_r, name="generator")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = fast.icm(x_id, g)
+        assert_close(low.float(), ref.icm(x_id, g), torch.bfloat16, name="icm bf16")
+
+
+def test_full_size_train_step_matches_reference():
+    ref = randomize_(ICMBase(512, 7, 128, 0.1, 2), seed=4)
+    fast = CompactBase(512, 7, 128, 0.1, 2)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 512, 2, 2)
+    g = torch.tensor([6, 1, 1, 0])
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with use_backend("torch"):
+        yr, yf = ref.icm(xr, g), fast.icm(xf, g)
+    assert_close(yf, yr, name="train icm")
+    w = torch.randn_like(yr)
+    (yr * w).sum().backward()
+    (yf * w).sum().backward()
+    assert_close(xf.grad, xr.grad, name="grad x_id")
+    _grads_match(fast, ref)
+    _buffers_match(fast, ref)
+
+
+def test_torch_eval_cache_follows_parameter_changes():
+    ref, fast = _pair("cvpr", 4, 0.25, unit=8, cin=12, repeat=1, seed=11)
+    ref.eval(), fast.eval()
+    x, g = torch.randn(3, 12, 3, 3), torch.tensor([1, 3, 1])
+    with use_backend("torch"), torch.no_grad():
+        assert_close(fast.icm(x, g), ref.icm(x, g), name="first call")
+        for m in (ref, fast):
+            m.transform[0].conv1[1].running_var.mul_(3.0)
+            m.conv1[0].weight.add_(0.05)
+        assert_close(fast.icm(x, g), ref.icm(x, g), name="after in-place updates")
+        fast.load_state_dict(randomize_(copy.deepcopy(ref), seed=12).state_dict())
+        ref.load_state_dict(fast.state_dict())
+        assert_close(fast.icm(x, g), ref.icm(x, g), name="after load_state_dict")
+
+
+def _active_oracle(module: ICMBase, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Full-width ICM whose training BatchNorms take statistics over the samples holding each channel."""
+    mask = module.router._unit_mapping[groups][:, :, None, None]
+
+    def bn(y, m, norm):
+        cnt = (m.expand_as(y)).sum((0, 2, 3))
+        mean = (y * m).sum((0, 2, 3)) / cnt.clamp_min(1)
+        var = (((y - mean.view(1, -1, 1, 1)) * m) ** 2).sum((0, 2, 3)) / cnt.clamp_min(1)
+        with torch.no_grad():
+            held = cnt > 0
+            norm.num_batches_tracked += 1
+            unb = var * cnt / (cnt - 1).clamp_min(1)
+            norm.running_mean.copy_(torch.where(held, 0.9 * norm.running_mean + 0.1 * mean, norm.running_mean))
+            norm.running_var.copy_(torch.where(held, 0.9 * norm.running_var + 0.1 * unb, norm.running_var))
+        y = (y - mean.view(1, -1, 1, 1)) * torch.rsqrt(var + norm.eps).view(1, -1, 1, 1)
+        return y * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+
+    h = module.conv1[2](bn(module.conv1[0](x), mask, module.conv1[1])) * mask
+    for blk in module.transform:
+        y = blk.relu1(bn(blk.conv1[0](h), mask, blk.conv1[1]) * mask)
+        y = bn(blk.conv2[0](y), mask, blk.conv2[1]) * mask
+        h = blk.relu2(h + y)
+    return module.conv2(h)
+
+
+def test_torch_active_bn_stats_match_masked_oracle():
+    ref, fast = _pair("cvpr", 4, 0.3, unit=8, cin=12)
+    fast.set_bn_stats("active")
+    x = torch.randn(7, 12, 4, 4)
+    g = torch.tensor([2, 0, 2, 3, 0, 0, 2])  # group 1 absent: its private channels keep their running stats
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr = _active_oracle(ref, xr, g)
+    with use_backend("torch"):
+        yf = fast.icm(xf, g)
+    assert_close(yf, yr, name="active")
+    w = torch.randn_like(yr)
+    (yr * w).sum().backward()
+    (yf * w).sum().backward()
+    assert_close(xf.grad, xr.grad, name="grad x_id")
+    _grads_match(fast, ref)
+    _buffers_match(fast, ref)
+
+
+@pytest.mark.parametrize("bn_stats", ["reference", "active"])
+def test_torch_gradcheck_float64(bn_stats):
+    _, fast = _pair("cvpr", 3, 0.25, unit=4, cin=3, repeat=1)
+    fast = fast.double().set_bn_stats(bn_stats)
+    x = torch.randn(4, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([2, 0, 2, 1])
+    with use_backend("torch"):
+        assert torch.autograd.gradcheck(lambda t: fast.icm(t, g), (x,), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_bad_inputs_raise_clear_errors():
+    _, fast = _pair("cvpr", 4, 0.1, unit=4, cin=6, repeat=1)
+    x = torch.randn(2, 6, 3, 3)
+    with pytest.raises(ValueError, match=r"condition values must be age groups in \[0, 4\)"):
+        fast.icm(x, torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="condition values"):
+        fast.icm(x, torch.tensor([-1, 0]))
+    with pytest.raises(TypeError, match="integer dtype"):
+        fast.icm(x, torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        fast.icm(x, [0, 1])
+    with pytest.raises(ValueError, match="x_id must have 6 channels"):
+        fast.icm(torch.randn(2, 5, 3, 3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"condition must have shape \(2,\)"):
+        fast.icm(x, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="bn_stats"):
+        fast.set_bn_stats("batch")
+    with pytest.raises(ValueError, match="bn_stats"):
+        CompactAgingModule(7, 1, 0.1, 8, bn_stats="none")
+
+
+def test_state_dict_and_windows_unchanged():
+    ref = AgingModule(7, 4, 0.1)
+    fast = CompactAgingModule(7, 4, 0.1)
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    assert (fast.conv_dim, fast.starts) == router_windows(128, 7, 0.1)
+
+
+# -- Triton kernels (interpreter on CPU; tiny shapes) ------------------------------------------------
+
+K = pytest.importorskip("mtlface_fast.kernels.icm_conv", reason="triton is not installed")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+_runs_kernels = DEV == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+triton_only = pytest.mark.skipif(not _runs_kernels, reason="needs CUDA or the Triton interpreter (TRITON_INTERPRET=1)")
+
+
+@pytest.fixture(autouse=False)
+def ieee_fp32():
+    """fp32 convolutions without TF32 on GPU, for the reference and the kernels alike."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _plan(groups, G, unit, sigma):
+    _, starts = router_windows(unit, G, sigma)
+    order = torch.argsort(groups, stable=True)
+    counts = torch.bincount(groups, minlength=G)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    return order, offsets, torch.tensor(starts, dtype=torch.int32)
+
+
+# (C_in full, kernel, in_win, out_win): 3x3 block, conv1 (512-like -> window), conv2 (window -> full)
+LAYERS = [(None, 3, True, True), (10, 1, False, True), (None, 1, True, False)]
+
+
+def _layer_args(layer, G=4, unit=8, sigma=0.25, B=5, dtype=torch.float32, seed=0):
+    cin_full, ks, iw, ow = layer
+    gen = torch.Generator().manual_seed(seed)
+    C, _ = router_windows(unit, G, sigma)
+    cin_full = cin_full or C
+    cout = C if ow else 10
+    groups = torch.randint(0, G, (B,), generator=gen)
+    _, offsets, starts = _plan(groups, G, unit, sigma)
+    x = torch.randn(B, unit if iw else cin_full, 3, 4, generator=gen, dtype=dtype)
+    w = torch.randn(cout, cin_full, ks, ks, generator=gen, dtype=dtype) / (cin_full * ks * ks) ** 0.5
+    b = torch.randn(cout, generator=gen, dtype=dtype)
+    return x.to(DEV), w.to(DEV), b.to(DEV), offsets.to(DEV), starts.to(DEV), unit, iw, ow
+
+
+@triton_only
+@pytest.mark.parametrize("layer", LAYERS)
+def test_triton_icm_conv_matches_reference_fwd_bwd(layer, ieee_fp32):
+    x, w, b, offsets, starts, unit, iw, ow = _layer_args(layer)
+    x1, w1, b1 = (t.clone().requires_grad_() for t in (x, w, b))
+    x2, w2, b2 = (t.clone().requires_grad_() for t in (x, w, b))
+    y = K.icm_conv(x1, w1, b1, offsets, starts, unit, iw, ow)
+    yr = K._ref_conv(x2, w2, b2, offsets, starts, unit, iw, ow)
+    assert_close(y, yr, name="icm_conv")
+    dy = torch.randn_like(y)
+    for a, e, n in zip(torch.autograd.grad(y, (x1, w1, b1), dy), torch.autograd.grad(yr, (x2, w2, b2), dy),
+                       ("x", "weight", "bias")):
+        assert_close(a, e, name=f"grad {n}")
+
+
+@triton_only
+@pytest.mark.parametrize("layer", LAYERS)
+def test_triton_fused_layer_matches_reference(layer, ieee_fp32):
+    x, w, b, offsets, starts, unit, iw, ow = _layer_args(layer, B=6, seed=2)
+    C = w.size(0)
+    n_out = unit if ow else C
+    scale, shift, slope = torch.rand(C, device=DEV) + 0.5, torch.randn(C, device=DEV), torch.rand(C, device=DEV) * 0.4
+    res = torch.randn(x.size(0), n_out, 3, 4, device=DEV)
+    for act, extra in ((K.ACT_PRELU, dict(residual=res)), (K.ACT_LEAKY, dict(residual=None)),
+                       (K.ACT_NONE, dict(residual=None))):
+        args = (x, w, scale, shift, extra["residual"], slope, offsets, starts, unit, iw, ow, act, 0.2)
+        got = K.icm_conv_fused(*args)
+        assert_close(got, K._ref_fused(*args), name=f"fused act={act}")
+
+
+@triton_only
+def test_triton_weight_grad_is_deterministic_and_poison_free(ieee_fp32):
+    x, w, b, offsets, starts, unit, iw, ow = _layer_args(LAYERS[0], B=7, seed=3)
+    dy = torch.randn(x.size(0), unit, 3, 4, device=DEV)
+    a = K.icm_conv_grad_weight(dy, x, w, offsets, starts, unit, iw, ow)
+    bb = K.icm_conv_grad_weight(dy, x, w, offsets, starts, unit, iw, ow)
+    assert torch.equal(a, bb)
+    assert_close(a, K._ref_grad_weight(dy, x, w, offsets, starts, unit, iw, ow), name="grad weight")
+
+
+@triton_only
+@pytest.mark.parametrize("layer", LAYERS)
+def test_triton_ops_opcheck(layer):
+    x, w, b, offsets, starts, unit, iw, ow = _layer_args(layer, B=3, seed=4)
+    torch.library.opcheck(torch.ops.mtlface_fast.icm_conv.default,
+                          (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), offsets, starts, unit, iw, ow))
+    C = w.size(0)
+    dy = torch.randn(x.size(0), unit if ow else C, 3, 4, device=DEV)
+    torch.library.opcheck(torch.ops.mtlface_fast.icm_conv_grad_input.default,
+                          (dy, w.detach(), offsets, starts, unit, iw, ow, x.size(1)))
+    torch.library.opcheck(torch.ops.mtlface_fast.icm_conv_grad_weight.default,
+                          (dy, x.detach(), w.detach(), offsets, starts, unit, iw, ow))
+    torch.library.opcheck(torch.ops.mtlface_fast.icm_conv_fused.default,
+                          (x.detach(), w.detach(), torch.rand(C, device=DEV), torch.randn(C, device=DEV), None,
+                           torch.rand(C, device=DEV), offsets, starts,
+                           unit, iw, ow, K.ACT_PRELU, 0.0))
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_icm_conv_autograd_formula_gradcheck_float64(layer, monkeypatch):
+    # The registered backward (grad ops + bias reduction) in float64 through the ops' aten bodies (the
+    # interpreter's tl.dot is not float64-exact; the kernels' gradients are compared in fp32 above).
+    monkeypatch.setattr(K, "_use_kernels", lambda x: False)
+    x, w, b, offsets, starts, unit, iw, ow = _layer_args(layer, G=3, unit=4, sigma=0.5, B=3,
+                                                         dtype=torch.float64, seed=5)
+    x = x[:, :, :2, :2].contiguous()
+    assert torch.autograd.gradcheck(lambda *t: K.icm_conv(*t, offsets, starts, unit, iw, ow),
+                                    (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()), fast_mode=True)
+
+
+@triton_only
+def test_triton_poisoned_output_is_fully_written(monkeypatch, ieee_fp32):
+    x, w, b, offsets, starts, unit, iw, ow = _layer_args(LAYERS[0], B=9, seed=6)
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        return real_empty(*args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(K.torch, "empty", poisoned_empty)
+    y = K.icm_conv(x, w, b, offsets, starts, unit, iw, ow)
+    dw = K.icm_conv_grad_weight(torch.randn_like(y), x, w, offsets, starts, unit, iw, ow)
+    assert torch.isfinite(y).all() and torch.isfinite(dw).all()
+    assert_close(y, K._ref_conv(x, w, b, offsets, starts, unit, iw, ow), name="icm_conv")
+
+
+TRITON_MODULE_CASES = [("cvpr", "reference", 0.1, 7, 5, "all"), ("cvpr", "reference", 0.3, 4, 6, "one"),
+                       ("cvpr", "active", 0.125, 4, 5, "mixed"), ("tpami", "reference", 0.125, 7, 1, "mixed")]
+
+
+@triton_only
+@pytest.mark.parametrize("variant,bn_stats,sigma,G,B,kind", TRITON_MODULE_CASES)
+def test_triton_module_matches_reference(variant, bn_stats, sigma, G, B, kind, ieee_fp32):
+    ref, fast = _pair(variant, G, sigma, unit=8, cin=12, repeat=1, seed=7)
+    ref, fast = ref.to(DEV), fast.to(DEV).set_bn_stats(bn_stats)
+    x = torch.randn(B, 12, 3, 3, device=DEV)
+    g = _groups(kind, B, G, seed=3).to(DEV)
+    with use_backend("triton"):
+        ref.eval(), fast.eval()
+        with torch.no_grad():
+            assert_close(fast.icm(x, g), ref.icm(x, g), name="eval (fused layers)")
+        ref.train(), fast.train()
+        xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr = ref.icm(xr, g) if bn_stats == "reference" else _active_oracle(ref, xr, g)
+        yf = fast.icm(xf, g)
+    assert_close(yf, yr, name="train")
+    w = torch.randn_like(yr)
+    (yr * w).sum().backward()
+    (yf * w).sum().backward()
+    assert_close(xf.grad, xr.grad, name="grad x_id")
+    _grads_match(fast, ref)
+    _buffers_match(fast, ref)
+
+
+@triton_only
+def test_triton_eval_with_input_grad_matches_reference(ieee_fp32):
+    ref, fast = _pair("cvpr", 4, 0.25, unit=8, cin=12, repeat=1, seed=8)
+    ref, fast = ref.to(DEV).eval(), fast.to(DEV).eval()
+    x = torch.randn(4, 12, 3, 3, device=DEV)
+    g = torch.tensor([3, 1, 1, 0], device=DEV)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with use_backend("triton"):
+        yr, yf = ref.icm(xr, g), fast.icm(xf, g)
+    assert_close(yf, yr, name="eval with grad")
+    yr.square().sum().backward()
+    yf.square().sum().backward()
+    assert_close(xf.grad, xr.grad, name="grad x_id")
+    _grads_match(fast, ref)
+
+
+def test_ops_decompose_to_aten_for_export():
+    from mtlface_fast.kernels.utils import DECOMPOSITIONS
+
+    _, fast = _pair("cvpr", 4, 0.25, unit=8, cin=12, repeat=1, seed=9)
+    fast.eval()
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.icm_module = fast
+
+        def forward(self, x, g):
+            return self.icm_module.icm(x, g)
+
+    x, g = torch.randn(3, 12, 3, 3), torch.tensor([0, 3, 3])
+    with torch.no_grad():
+        expected = fast.icm(x, g)
+        ep = torch.export.export(Wrap(), (x, g), strict=False)
+    assert any("mtlface_fast" in str(n.target) for n in ep.graph.nodes)
+    ep = ep.run_decompositions(DECOMPOSITIONS)
+    assert not any("mtlface_fast" in str(n.target) for n in ep.graph.nodes)
+    assert_close(ep.module()(x, g), expected, name="decomposed")
+
+
+def test_compiles_without_graph_breaks():
+    ref, fast = _pair("cvpr", 4, 0.25, unit=8, cin=12, repeat=1, seed=10)
+    ref.eval(), fast.eval()
+    x, g = torch.randn(3, 12, 3, 3), torch.tensor([2, 0, 2])
+    compiled = torch.compile(fast.icm, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert_close(compiled(x, g), ref.icm(x, g), name="compiled icm")
