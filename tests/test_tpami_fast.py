@@ -1,4 +1,6 @@
 """The fast TPAMI model and its StyleGAN2 layers against the reference (fp32, forward and backward)."""
+import copy
+
 import pytest
 import torch
 
@@ -101,23 +103,62 @@ def test_fast_model_matches_reference(pair):
 
 
 def test_fast_model_backward_matches_reference(pair):
+    """Every parameter gradient of the fast model is as close to the fp64 truth as the fp32 reference's (x2).
+
+    The flash-attn rule: the 32 px test model has 2x2 and 4x4 InstanceNorm inputs whose backward amplifies
+    rounding, so a fixed tolerance would measure conditioning; the fp64 reference measures it instead.
+    """
     r, f = pair
+    r64 = copy.deepcopy(r).double()
     x, cond = _x(1, seed=4), torch.tensor([3])
-    losses = []
-    for m in (r, f):
+    grads = []
+    for m, inp in ((r, x), (f, x), (r64, x.double())):
         m.zero_grad(set_to_none=True)
-        loss = m.synthesize(x, cond).square().mean() + m(x).sum()
+        loss = m.synthesize(inp, cond).square().mean() + m(inp).sum()
         loss.backward()
-        losses.append(loss.detach())
-    assert_close(losses[1], losses[0], name="loss")
-    fp = dict(f.named_parameters())
-    checked = 0
-    for n, p in r.named_parameters():
-        if p.grad is None:
-            continue
-        # Weight gradients of the first generator layers sum over every later layer and pixel: fp32
-        # reassociation (dense vs grouped conv, folded BN) reaches ~1e-4 there.
-        assert_close(fp[n].grad, p.grad, name=f"grad {n}", rtol=5e-4)
-        checked += 1
-    r.zero_grad(set_to_none=True), f.zero_grad(set_to_none=True)
-    assert checked > 300
+        grads.append({n: p.grad.double() for n, p in m.named_parameters() if p.grad is not None})
+        m.zero_grad(set_to_none=True)
+    g32, gfast, g64 = grads
+    assert set(gfast) == set(g32) == set(g64) and len(g64) > 300
+
+    def module_scale(name):
+        prefix = ".".join(name.split(".")[:2])
+        return max(float(g.abs().max()) for k, g in g64.items() if k.startswith(prefix))
+
+    for n, truth in g64.items():
+        # Scalar-like gradients (noise strengths, the spatial BN(1)) are single sums of many signed terms:
+        # judge them on their module's gradient scale rather than on their own, cancelled, size.
+        scale = (float(truth.abs().max()) if truth.numel() >= 16 else module_scale(n)) or 1.0
+        ref_err = float((g32[n] - truth).abs().max()) / scale
+        err = float((gfast[n] - truth).abs().max()) / scale
+        assert err <= 2 * ref_err + 1e-5, f"grad {n}: error {err:.3e} vs the fp32 reference's {ref_err:.3e}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (full-size TPAMI model on the device)")
+@torch.no_grad()
+def test_full_size_on_cuda_fp32_and_bf16():
+    torch.manual_seed(0)
+    r = randomize_tpami_(ref.MTLFace(arch="tpami"), seed=9).eval().cuda()
+    f = mtlface_fast.MTLFace(arch="tpami")
+    f.load_state_dict(r.state_dict())
+    f = f.eval().cuda()
+    x = (torch.rand(4, 3, 112, 112, generator=torch.Generator().manual_seed(2)) * 2 - 1).cuda()
+    cond = torch.tensor([0, 2, 4, 6], device="cuda")
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here
+    try:
+        a, b = r.encode(x), f.encode(x)
+        assert_close(b.embedding, a.embedding, name="embedding")
+        assert_close(b.age, a.age, name="age")
+        expected = r.synthesize(x, cond)
+        assert_close(f.synthesize(x, cond), expected, name="synthesize fp32")
+        assert_close(f.synthesize_all_ages(x[:2])[:, 3], r.synthesize(x[:2], 3), name="all ages (batched groups)")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    exact = expected.double()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref_bf16 = r.synthesize(x, cond).double()
+    ours_bf16 = f.synthesize(x, cond, dtype=torch.bfloat16).double()
+    ref_err = float((ref_bf16 - exact).abs().max())
+    err = float((ours_bf16 - exact).abs().max())
+    assert err <= 2 * ref_err + 2e-3, f"bf16 error {err:.3e} vs reference-in-bf16 error {ref_err:.3e}"

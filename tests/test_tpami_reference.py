@@ -13,7 +13,8 @@ from tests.utils import assert_close
 
 
 def _direct_upfirdn2d(x, k, up, down, p0, p1):
-    """Zero insertion, padding (negative crops), then out[y, x] = sum_ij pad[y*down + i, x*down + j] * k[kh-1-i, kw-1-j]."""
+    """Zero insertion, padding (negative crops), then
+    out[y, x] = sum_ij pad[y*down + i, x*down + j] * k[kh-1-i, kw-1-j]."""
     b, c, h, w = x.shape
     u = torch.zeros(b, c, h * up, w * up, dtype=x.dtype)
     u[:, :, ::up, ::up] = x

@@ -203,3 +203,16 @@ def test_constructor_arguments():
     with pytest.raises(ValueError, match="input_size"):
         _meta_model(input_size=100)
     assert type(ref.MTLFace(backbone="ir34", input_size=32)) is ref.MTLFace  # the CVPR default is unchanged
+
+
+def test_demo_runs_on_a_release_layout_file(small_model, tmp_path, capsys):
+    from mtlface_fast.cli import main
+
+    torch.save(small_model.state_dict(), tmp_path / "mtlface_checkpoints.tar")
+    rc = main(["demo", "--weights", str(tmp_path / "mtlface_checkpoints.tar"), "--out", str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    with open(tmp_path / "out" / "demo.json") as fh:
+        report = json.load(fh)
+    assert report["config"]["arch"] == "tpami" and "official checkpoint" in report["weights"]
+    assert 0.0 <= report["predicted_age"] <= 100.0 and abs(report["embedding_norm"] - 1.0) < 1e-4
+    assert os.path.getsize(tmp_path / "out" / "demo_grid.png") > 0

@@ -8,7 +8,7 @@
 * The x2 FIR upsampling of the RGB skip as a depthwise transposed convolution (no zero insertion),
   the blur after the transposed convolution as a depthwise convolution.
 * Noise injection, bias, leaky ReLU and the sqrt(2) gain in one pass
-  (:func:`mtlface_fast.kernels.stylegan2.noise_bias_lrelu` when available, else PyTorch).
+  (the Triton op of ``kernels/stylegan2.py`` on CUDA, PyTorch elsewhere; see :mod:`mtlface_fast.backend`).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..backend import use_triton_for
 from ..reference.stylegan2 import LRELU_GAIN, StyledConv, ToRGB
 
 
@@ -38,7 +39,13 @@ def fir_blur(x: torch.Tensor, kernel: torch.Tensor, pad) -> torch.Tensor:
 
 def noise_bias_lrelu(x: torch.Tensor, noise: torch.Tensor, strength: torch.Tensor, bias: torch.Tensor,
                      negative_slope: float = 0.2, scale: float = LRELU_GAIN) -> torch.Tensor:
-    """``leaky_relu(x + strength * noise + bias, slope) * scale``; noise (B or 1, 1, H, W), bias (C,)."""
+    """``leaky_relu(x + strength * noise + bias, slope) * scale``; noise (B or 1, 1, H, W), bias (C,).
+
+    The fused Triton op when the backend switch says so (:func:`mtlface_fast.backend.use_triton_for`).
+    """
+    if use_triton_for(x):
+        from ..kernels.stylegan2 import noise_bias_lrelu as fused
+        return fused(x, noise, strength, bias, negative_slope, scale)
     y = x + strength * noise + bias.view(1, -1, 1, 1).to(x.dtype)
     return F.leaky_relu(y, negative_slope) * scale
 
@@ -77,7 +84,7 @@ class FastStyledConv(StyledConv):
 
 
 class FastToRGB(ToRGB):
-    """Drop-in :class:`ToRGB` (same keys): modulated 1x1 conv as a dense conv, FIR skip upsampling by transposed conv."""
+    """Drop-in :class:`ToRGB` (same keys): modulated 1x1 conv as a dense conv, skip upsampling by transposed conv."""
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         s, _, w = _modulate(self.conv, style)

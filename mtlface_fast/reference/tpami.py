@@ -215,6 +215,11 @@ class TPAMIMTLFace(nn.Module):
         """The recognition network (trunk, ``fsm``, ``output_layer``), named as in the CVPR model."""
         return self.encoder
 
+    @property
+    def estimation_network(self) -> nn.Module:
+        """The age estimator, named as in the CVPR model."""
+        return self.age_estimator
+
     def _check(self, images: torch.Tensor) -> torch.Tensor:
         p = next(self.parameters())
         return check_images(images, input_size=self.input_size, device=p.device, dtype=p.dtype)
