@@ -5,6 +5,7 @@
   weights: one dense convolution for the whole batch, channels_last and autocast friendly, and no
   (B, out, in, k, k) weight tensor. ``d = rsqrt(s^2 @ sum_k(W^2)^T + eps)`` is the reference's
   demodulation factor written without materializing the per-sample weights.
+* On CUDA the activations run channels_last (set at the first layer, kept by the rest).
 * The x2 FIR upsampling of the RGB skip as a depthwise transposed convolution (no zero insertion),
   the blur after the transposed convolution as a depthwise convolution.
 * Noise injection, bias, leaky ReLU and the sqrt(2) gain in one pass
@@ -67,6 +68,8 @@ class FastStyledConv(StyledConv):
         conv = self.conv
         s, d, w = _modulate(conv, style)
         xs = x * s.to(x.dtype)[:, :, None, None]
+        if xs.is_cuda:  # cuDNN's fast convolutions are NHWC; later layers keep the layout
+            xs = xs.contiguous(memory_format=torch.channels_last)
         if conv.upsample:
             out = F.conv_transpose2d(xs, w.to(xs.dtype).transpose(0, 1), stride=2)
             if d is not None:
