@@ -1,4 +1,4 @@
-"""Per-op benchmarks: ``python bench/kernels.py --op afd`` / ``--op icm`` (see each op's module).
+"""Per-op benchmarks: ``python bench/kernels.py --op afd`` / ``--op icm`` / ``--op stylegan2`` (see each op's module).
 
 Each op lives in ``bench/kernels_<op>.py`` and exposes ``add_arguments(parser)`` and
 ``run(args) -> dict`` (the JSON payload); this script times them and writes bench/results/.
@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import write_results  # noqa: E402
 
-OPS = ("afd", "icm", "trunk")
+OPS = ("afd", "icm", "trunk", "stylegan2")
 
 
 def main(argv=None):

@@ -10,7 +10,8 @@ def _add_demo(sub):
                        description="Encode a face and render it at every age group. Without --weights the model "
                                    "is a seeded random initialization (said plainly in the output).")
     p.add_argument("--image", help="face image (an aligned crop works best); default: a face from scikit-image")
-    p.add_argument("--weights", help="a folder written by save_pretrained, or an official backbone checkpoint")
+    p.add_argument("--weights", help="a folder written by save_pretrained, the authors' TPAMI release file "
+                   "(mtlface_checkpoints.tar), or an official CVPR backbone checkpoint")
     p.add_argument("--generator", help="official generator checkpoint (with an official --weights)")
     p.add_argument("--estimator", help="official estimation-network checkpoint (with an official --weights)")
     p.add_argument("--backbone", default="ir50", help="backbone of the random model when no --weights (ir50)")

@@ -39,6 +39,12 @@ class MTLFace(ReferenceMTLFace):
         super().__init__(backbone, input_size, age_group, afd, sigma, **kwargs)
         self.channels_last = channels_last
 
+    @classmethod
+    def tpami_class(cls):
+        """``MTLFace(arch="tpami")`` builds the fast TPAMI model."""
+        from .tpami import FastTPAMIMTLFace
+        return FastTPAMIMTLFace
+
     def _precision(self, images: torch.Tensor, dtype: Optional[torch.dtype]):
         if dtype is None or dtype == torch.float32:
             return contextlib.nullcontext()

@@ -12,6 +12,9 @@ one process on the same weights and inputs:
 * ``ours_cudagraphs``     -- ours compiled with CUDA graphs (``mode="reduce-overhead"``; CUDA only)
 * ``reference_x7``        -- (``synthesize_all`` only) seven ``synthesize`` calls of the reference
 
+``--arch tpami`` times the TPAMI model instead (encode with flip TTA, StyleGAN2 decoder with the stored
+noise maps); results go to ``throughput-<device>-<dtype>-tpami-*.json``.
+
 Each is warmed up, then timed (CUDA events on GPU, wall clock on CPU); the JSON under bench/results/
 holds medians and quantiles, images/s, ratios to the reference variants and peak memory, and a PNG bar
 chart is written beside it.
@@ -161,8 +164,10 @@ def run(args) -> Dict:
             raise ValueError(f"unknown variant {v!r}; choose from {VARIANTS}")
     batches = [int(b) for b in str(args.batch).split(",")]
     torch.manual_seed(args.seed)
-    ref_model = reference.MTLFace(backbone=args.backbone, input_size=args.input_size, age_group=args.age_group)
-    ours = MTLFace(backbone=args.backbone, input_size=args.input_size, age_group=args.age_group)
+    arch = getattr(args, "arch", "cvpr")
+    ref_model = reference.MTLFace(backbone=args.backbone, input_size=args.input_size, age_group=args.age_group,
+                                  arch=arch)
+    ours = MTLFace(backbone=args.backbone, input_size=args.input_size, age_group=args.age_group, arch=arch)
     ours.load_state_dict(ref_model.state_dict())
     models = {"reference": ref_model.to(device), "ours": ours.to(device)}
     initial = {k: v.detach().clone() for k, v in ref_model.state_dict().items()}
@@ -201,9 +206,9 @@ def run(args) -> Dict:
             if other and "median_ms" in r:
                 r[f"speedup_vs_{base}"] = round(other["median_ms"] / r["median_ms"], 3)
     return {"benchmark": "throughput", "env": environment(device),
-            "settings": dict(device=device, dtype=args.dtype, backbone=args.backbone, input_size=args.input_size,
-                             age_group=args.age_group, batches=batches, tasks=tasks, variants=variants,
-                             warmup=args.warmup, iters=args.iters,
+            "settings": dict(device=device, dtype=args.dtype, arch=arch, backbone=args.backbone,
+                             input_size=args.input_size, age_group=args.age_group, batches=batches, tasks=tasks,
+                             variants=variants, warmup=args.warmup, iters=args.iters,
                              backend=os.environ.get("MTLFACE_FAST_BACKEND", "auto")),
             "results": results}
 
@@ -216,6 +221,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {TASKS}")
     p.add_argument("--variants", default=None, help=f"comma-separated subset of {VARIANTS} (cpu default: "
                    f"{','.join(CPU_DEFAULT_VARIANTS)}; cuda: all)")
+    p.add_argument("--arch", default="cvpr", choices=("cvpr", "tpami"), help="model architecture (cvpr); tpami "
+                   "is the released model (encode with flip TTA, StyleGAN2 decoder, stored noise)")
     p.add_argument("--backbone", default="ir50")
     p.add_argument("--input-size", type=int, default=112)
     p.add_argument("--age-group", type=int, default=7)
@@ -249,7 +256,8 @@ def execute(args) -> int:
               f"  {sp}")
     if not args.no_save:
         tag = "cuda" if cuda else "cpu"
-        path = write_results(f"throughput-{tag}-{args.dtype}", payload, args.out)
+        arch = "" if getattr(args, "arch", "cvpr") == "cvpr" else f"-{args.arch}"
+        path = write_results(f"throughput-{tag}-{args.dtype}{arch}", payload, args.out)
         png = plot(payload, path[:-5] + ".png")
         print("wrote", path, png)
     return 0

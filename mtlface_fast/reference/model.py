@@ -2,6 +2,8 @@
 
 State-dict keys are the official ones under ``backbone.``, ``estimation_network.`` and ``generator.``.
 The CosFace head and the patch discriminator are training-only and live outside this module.
+``MTLFace(arch="tpami")`` builds the TPAMI 2022 model instead (:mod:`.tpami`: keys ``decoder.``,
+``encoder.``, ``age_estimator.`` of the authors' release), with the same public methods.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from .icm import AgingModule, check_sigma, router_windows
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_NAME = "mtlface_fast"
+ARCHS = ("cvpr", "tpami")
+TPAMI_PREFIXES = ("encoder.", "decoder.", "age_estimator.")
 
 
 class EncodeResult(NamedTuple):
@@ -60,10 +64,27 @@ class MTLFace(nn.Module):
         attention_layer, generator_layer, block_layer: module classes to build ``backbone.fsm``,
             ``generator`` and the backbone's residual units with (the fast model injects its fused layers
             here; the state dict is unchanged).
+        arch: ``"cvpr"`` (this class) or ``"tpami"``: ``MTLFace(arch="tpami", backbone=..., input_size=...,
+            age_group=..., **layers)`` returns the TPAMI model (:meth:`tpami_class`), which takes no
+            ``afd``/``sigma`` (both are fixed by that architecture).
     """
 
+    @classmethod
+    def tpami_class(cls):
+        """The class ``MTLFace(arch="tpami")`` builds (the fast model returns its own)."""
+        from .tpami import TPAMIMTLFace
+        return TPAMIMTLFace
+
+    def __new__(cls, *args, arch: str = "cvpr", **kwargs):
+        if arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+        if arch == "tpami":
+            # Not an instance of cls, so Python does not call cls.__init__ on it afterwards.
+            return cls.tpami_class()(*args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, backbone: str = "ir50", input_size: int = 112, age_group: int = 7, afd: str = "cvpr",
-                 sigma: float = 0.1, *, attention_layer: Optional[Callable[..., nn.Module]] = None,
+                 sigma: float = 0.1, *, arch: str = "cvpr", attention_layer: Optional[Callable[..., nn.Module]] = None,
                  generator_layer: Optional[Callable[..., nn.Module]] = None,
                  block_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
@@ -72,7 +93,7 @@ class MTLFace(nn.Module):
         check_age_group(age_group)
         check_afd_variant(afd)
         check_sigma(sigma)
-        self.config: Dict[str, Any] = dict(backbone=backbone, input_size=input_size, age_group=age_group,
+        self.config: Dict[str, Any] = dict(arch="cvpr", backbone=backbone, input_size=input_size, age_group=age_group,
                                            afd=afd, sigma=float(sigma))
         self.backbone = AIResNet(input_size, backbone, afd, attention_layer=attention_layer or AttentionModule,
                                  block_layer=block_layer)
@@ -138,15 +159,7 @@ class MTLFace(nn.Module):
     # -- checkpoints -------------------------------------------------------------------------------
     def save_pretrained(self, path: str) -> str:
         """Write ``config.json`` and ``model.safetensors`` into the folder ``path`` (atomically)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        config = dict(format=FORMAT_NAME, arch="cvpr", **self.config)
-        atomic_write(os.path.join(path, WEIGHTS_FILE), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        atomic_write(os.path.join(path, CONFIG_FILE),
-                     lambda tmp: open(tmp, "w").write(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-        return path
+        return save_pretrained(self, path)
 
     @classmethod
     def from_pretrained(cls, path: str, map_location="cpu", **kwargs):
@@ -161,7 +174,7 @@ class MTLFace(nn.Module):
             config = json.load(fh)
         if config.pop("format", None) != FORMAT_NAME:
             raise ValueError(f"{cfg_path} was not written by save_pretrained (no format={FORMAT_NAME!r})")
-        config.pop("arch", None)
+        config.setdefault("arch", "cvpr")
         model = cls(**config, **kwargs)
         load_state_dict_strict(model, load_file(w_path, device=str(map_location)), what=w_path)
         return model
@@ -169,19 +182,31 @@ class MTLFace(nn.Module):
     @classmethod
     def from_official(cls, backbone_ckpt, generator_ckpt=None, estimation_ckpt=None, *, sigma: Optional[float] = None,
                       **kwargs):
-        """Load the official CVPR training code's per-module checkpoints.
+        """Load official weights: the TPAMI release file, or the CVPR training code's per-module checkpoints.
+
+        The architecture is read from the file's keys: ``encoder.``/``decoder.``/``age_estimator.`` keys
+        (the authors' ``mtlface_checkpoints.tar``) build ``MTLFace(arch="tpami")`` and load it strictly
+        (the other checkpoint arguments must then be omitted); otherwise the file is a CVPR backbone.
 
         Args:
-            backbone_ckpt: the ``backbone-{iter}`` file (or a state dict); ``module.`` prefixes are stripped.
-                Backbone variant, AFD variant and input size are read from its keys and shapes.
+            backbone_ckpt: the TPAMI release file, or the ``backbone-{iter}`` file (or a state dict);
+                ``module.`` prefixes are stripped. Backbone variant, AFD variant and input size are read
+                from its keys and shapes.
             generator_ckpt: the ``generator-{iter}`` file, optional (else the generator keeps its init).
             estimation_ckpt: the ``estimation_network-{iter}`` file, optional.
             sigma: the ICM overlap; read from the generator's router windows when omitted.
         """
         bb = load_state_file(backbone_ckpt, "backbone checkpoint")
-        if any(k.startswith(("encoder.", "decoder.", "age_estimator.")) for k in bb):
-            raise ValueError("this is the TPAMI release checkpoint (encoder./decoder./age_estimator. keys), "
-                             "not a CVPR backbone checkpoint")
+        if any(k.startswith(TPAMI_PREFIXES) for k in bb):
+            if generator_ckpt is not None or estimation_ckpt is not None or sigma is not None:
+                raise ValueError("the TPAMI release checkpoint holds the whole model: do not pass generator_ckpt, "
+                                 "estimation_ckpt or sigma with it")
+            what = backbone_ckpt if isinstance(backbone_ckpt, (str, os.PathLike)) else "TPAMI checkpoint"
+            config = infer_tpami_config(bb)
+            config.update(kwargs.pop("config", {}))
+            model = cls(arch="tpami", **config, **kwargs)
+            load_state_dict_strict(model, bb, what=str(what))
+            return model
         config = infer_backbone_config(bb)
         gen = load_state_file(generator_ckpt, "generator checkpoint") if generator_ckpt is not None else None
         est = load_state_file(estimation_ckpt, "estimation checkpoint") if estimation_ckpt is not None else None
@@ -205,6 +230,32 @@ class MTLFace(nn.Module):
         else:
             warnings.warn("from_official: no estimation checkpoint given; ages come from untrained weights")
         return model
+
+
+def save_pretrained(model: nn.Module, path: str) -> str:
+    """Write ``model.config`` (with the format tag) and the state dict into the folder ``path`` (atomically)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    config = dict(format=FORMAT_NAME, **model.config)
+    atomic_write(os.path.join(path, WEIGHTS_FILE), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(os.path.join(path, CONFIG_FILE),
+                 lambda tmp: open(tmp, "w").write(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    return path
+
+
+def infer_tpami_config(state: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """Backbone, input size and age groups of a TPAMI release-layout state dict (keys under ``encoder.``)."""
+    enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    if "output_layer.3.weight" not in enc or "age_estimator.group_output_layer.weight" not in state:
+        raise ValueError("not a TPAMI MTLFace checkpoint: encoder.output_layer.3.weight or "
+                         "age_estimator.group_output_layer.weight is missing")
+    config = infer_backbone_config(enc)
+    if config["afd"] != "tpami":
+        raise ValueError(f"TPAMI checkpoint with a {config['afd']} AFD layout (encoder.fsm.channel.0.weight)")
+    return dict(backbone=config["backbone"], input_size=config["input_size"],
+                age_group=int(state["age_estimator.group_output_layer.weight"].shape[0]))
 
 
 def infer_backbone_config(state: Dict[str, torch.Tensor]) -> Dict[str, Any]:
