@@ -16,14 +16,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mtlface_fast  # noqa: E402
 from mtlface_fast import layers, reference, use_backend  # noqa: E402
-from tests.utils import max_rel_err, randomize_  # noqa: E402
+from tests.utils import randomize_  # noqa: E402
 
 TOL = {torch.float32: 1e-3, torch.bfloat16: 3e-2}  # TF32 may be on for the reference's convolutions
 failures = []
 
 
 def check(name, actual, expected, dtype=torch.float32):
-    err = max_rel_err(actual.float(), expected.float())
+    # Error relative to the expected tensor's largest magnitude, floored at 1e-3: the gradient of a conv
+    # bias that a training-mode BatchNorm follows is zero up to rounding, and relative error means nothing there.
+    err = float((actual.float() - expected.float()).abs().max() / expected.float().abs().max().clamp_min(1e-3))
     ok = bool(torch.isfinite(actual).all()) and err <= TOL[dtype]
     print(f"{'ok  ' if ok else 'FAIL'} {name:55s} max rel err {err:.2e}")
     if not ok:
@@ -92,17 +94,22 @@ def model(dev):
         failures.append("model train step")
 
 
-def main() -> int:
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU")
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="cuda", help="cuda (Triton kernels) or cpu (PyTorch paths; a dry run)")
+    dev = p.parse_args(argv).device
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        print("--device cuda needs a CUDA GPU")
         return 2
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    with use_backend("triton"):
-        afd("cuda")
-        icm("cuda")
-        model("cuda")
-    torch.cuda.synchronize()
+    with use_backend("triton" if dev.startswith("cuda") else "torch"):
+        afd(dev)
+        icm(dev)
+        model(dev)
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
     print("failures:", failures or "none")
     return 1 if failures else 0
 
