@@ -21,6 +21,9 @@ RESULTS_DIR = os.environ.get("MTLFACE_FAST_RESULTS_DIR") or (
 
 
 def git_commit() -> str:
+    """Short commit of the checkout ($MTLFACE_FAST_GIT_COMMIT when the tree was copied without .git)."""
+    if os.environ.get("MTLFACE_FAST_GIT_COMMIT"):
+        return os.environ["MTLFACE_FAST_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
