@@ -25,3 +25,18 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32_on_cuda():
+    """fp32 tolerances (1e-4 relative) compare IEEE fp32 results: TF32 convolutions and matmuls (cuDNN's
+    default) would put the reference itself ~1e-3 off. Tests that measure TF32 turn it back on."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
