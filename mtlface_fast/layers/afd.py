@@ -41,18 +41,20 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 # PyTorch implementation of the two passes over x (torch backend, and the kernels' decompositions)
 # ----------------------------------------------------------------------------------------------------
 
-def pool_torch(x: torch.Tensor, concat: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def pool_torch(x: torch.Tensor, concat: bool, with_idx: bool = True
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pooled inputs of both AFD branches.
 
     Args:
         x: (B, C, H, W) feature map.
         concat: TPAMI layout (avg then max, concatenated) when True, CVPR (avg + max) when False.
+        with_idx: return the argmax indices (needed for backward); when False they are empty tensors.
 
     Returns:
         feat: (B, 14C) or (B, 28C) channel-MLP input in (size, c, i, j) order, fp32.
-        feat_idx: (B, 14C) int32, flat pixel index (h*W + w) of every max-SPP bin.
+        feat_idx: (B, 14C) int32, flat pixel index (h*W + w) of every max-SPP bin ((B, 0) without idx).
         sp: (B, 2, H, W) fp32, [max over channels, mean over channels].
-        sp_idx: (B, H, W) int32, channel of the max of every pixel.
+        sp_idx: (B, H, W) int32, channel of the max of every pixel ((B, 0, 0) without idx).
     """
     xs = x.to(stats_dtype(x.dtype))
     avg, mx, idx = [], [], []
@@ -65,6 +67,9 @@ def pool_torch(x: torch.Tensor, concat: bool) -> Tuple[torch.Tensor, torch.Tenso
     feat = torch.cat([avg, mx], 1) if concat else avg + mx
     cmax, cidx = xs.max(1)
     sp = torch.stack([cmax, xs.mean(1)], 1).contiguous()
+    if not with_idx:
+        B = x.shape[0]
+        return feat, x.new_empty((B, 0), dtype=torch.int32), sp, x.new_empty((B, 0, 0), dtype=torch.int32)
     return feat, torch.cat(idx, 1).to(torch.int32), sp, cidx.to(torch.int32).contiguous()
 
 
@@ -244,6 +249,7 @@ class FusedAttentionModule(AttentionModule):
             pool, apply = ops.afd_pool, ops.afd_apply
         else:
             pool, apply = pool_torch, apply_torch
-        feat, _, sp, _ = pool(x, concat)
+        with_idx = torch.is_grad_enabled() and x.requires_grad  # argmax bookkeeping only for backward
+        feat, _, sp, _ = pool(x, concat, with_idx)
         cs, ss = self.branch_scales(feat, sp, x.dtype)
         return apply(x, cs, ss, att_is_age)
