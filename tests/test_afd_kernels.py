@@ -273,3 +273,24 @@ def test_export_with_decompositions_has_no_custom_ops():
     assert not any("mtlface_fast" in str(n.target) for n in ep.graph.nodes)
     for u, v in zip(ep.module()(x), want):
         assert_close(u, v)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_bf16_with_fp32_weights(backend):
+    """As the model runs it: fp32 weights, bf16 activations from autocast; outputs stay bf16 and within
+    twice the error of the reference under the same autocast (or the bf16 tolerance)."""
+    ref, fast = _pair("cvpr", training=True)
+    low_ref = copy.deepcopy(ref)
+    x = _x(8, seed=12, dtype=torch.bfloat16)
+    g_id, g_age = torch.randn_like(x, dtype=torch.float32), torch.randn_like(x, dtype=torch.float32)
+    want = _run(ref, x.float(), g_id, g_age, "torch")
+    with torch.autocast(x.device.type, torch.bfloat16):
+        low = _run(low_ref, x, g_id, g_age, "torch")
+        got = _run(fast, x, g_id, g_age, backend)
+    assert got[0].dtype == torch.bfloat16
+    for name, u, v, w in zip(("x_id", "x_age", "dx"), got, want, low):
+        assert_close(u, v, rtol=max(tol(torch.bfloat16)[0], 2 * max_rel_err(w, v)), name=name)
+    for (name, p_ref), p_fast, p_low in zip(ref.named_parameters(), fast.parameters(), low_ref.parameters()):
+        assert p_fast.grad.dtype == torch.float32
+        assert_close(p_fast.grad, p_ref.grad, rtol=max(tol(torch.bfloat16)[0], 2 * max_rel_err(p_low.grad, p_ref.grad)),
+                     name=f"grad {name}")
