@@ -12,8 +12,10 @@ Ops (``torch.ops.mtlface_fast.*``), each a ``triton_op`` whose PyTorch twin in
   pixels and channels are per-program fp32 partials summed on the host (deterministic, no atomics).
 
 Every statistic is fp32 (fp64 for fp64 inputs) whatever the input dtype; any input strides
-(contiguous, channels_last, sliced) are read as they are. One program covers one sample's
-(BLOCK_C, H*W) tile row block; the batch is on grid axis 0 (no 65535 limit).
+(contiguous, channels_last, sliced) are read as they are. ``afd_pool`` runs one program per sample (the
+channel max/mean reduce over all channels, so no cross-program reduction is needed); the other kernels run
+one program per (sample, block of channels). The batch is always grid axis 0 (no 65535 limit) and
+sample offsets are int64.
 """
 from __future__ import annotations
 
