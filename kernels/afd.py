@@ -253,13 +253,18 @@ def _afd_apply_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 try:  # private helpers, present in every torch that has triton_op (2.6+); guarded all the same
-    from torch._library.triton import is_wrap_triton_enabled
-    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.fake_tensor import FakeTensor, is_fake
 except ImportError:  # pragma: no cover
-    def is_wrap_triton_enabled() -> bool:
-        return True
+    FakeTensor = ()
 
     def is_fake(x) -> bool:
+        return False
+
+
+def _proxy_tracing() -> bool:
+    try:
+        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+    except AttributeError:  # pragma: no cover
         return False
 
 
@@ -275,9 +280,10 @@ def _launch_kernels(x: torch.Tensor) -> bool:
 
 
 def _shapes_only(x: torch.Tensor) -> bool:
-    """A fake CUDA tensor with kernel wrapping off (the fake half of a cross-check such as opcheck):
-    allocate the outputs, launch nothing. Otherwise ``wrap_triton`` records (tracing) or skips (fake) it."""
-    return not is_wrap_triton_enabled() and is_fake(x)
+    """A bare fake tensor outside graph tracing (fake shape propagation, e.g. the fake half of opcheck):
+    allocate the outputs, launch nothing. Graph tracing (torch.compile's functional tensors, make_fx's proxy
+    mode) goes on to ``wrap_triton``, which records the launch in the graph."""
+    return isinstance(x, FakeTensor) and not _proxy_tracing()
 
 
 def _tile(C: int, H: int, W: int, target: int = 4096):
