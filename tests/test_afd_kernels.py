@@ -294,3 +294,18 @@ def test_autocast_bf16_with_fp32_weights(backend):
         assert p_fast.grad.dtype == torch.float32
         assert_close(p_fast.grad, p_ref.grad, rtol=max(tol(torch.bfloat16)[0], 2 * max_rel_err(p_low.grad, p_ref.grad)),
                      name=f"grad {name}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="B = 65536 needs a GPU (3.3 GB input); grid-limit check")
+def test_batch_65536_on_gpu():
+    """The batch sits on grid axis 0 with int64 sample offsets: the last samples are right too."""
+    ref, fast = _pair("cvpr", channels=512)
+    fast.to(torch.bfloat16)
+    ref.load_state_dict({k: v.float() for k, v in fast.state_dict().items()})  # same rounded weights, fp32
+    x = torch.randn(65536, 512, 7, 7, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad(), use_backend("triton"):
+        x_id, x_age = fast(x)
+        for rows in (slice(0, 4), slice(32766, 32770), slice(65532, 65536)):
+            a_id, a_age = ref(x[rows].float())
+            assert_close(x_id[rows], a_id, torch.bfloat16, name=f"x_id {rows}")
+            assert_close(x_age[rows], a_age, torch.bfloat16, name=f"x_age {rows}")
