@@ -3,7 +3,7 @@
 Ops (``torch.ops.mtlface_fast.*``), each a ``triton_op`` whose PyTorch twin in
 :mod:`mtlface_fast.layers.afd` is also its export decomposition:
 
-* ``afd_pool(x, concat) -> (feat, feat_idx, sp, sp_idx)``: reads x once; SPP avg/max at sizes 1, 2, 3
+* ``afd_pool(x, concat, with_idx) -> (feat, feat_idx, sp, sp_idx)``: reads x once; SPP avg/max at sizes 1, 2, 3
   with PyTorch's adaptive windows (start = floor(i*H/s), end = ceil((i+1)*H/s)) in (size, c, i, j) order,
   summed (CVPR) or concatenated avg-then-max (TPAMI), plus max and mean over channels per pixel. The
   argmax of every max (first in window order, as PyTorch) is returned for backward.
@@ -12,8 +12,10 @@ Ops (``torch.ops.mtlface_fast.*``), each a ``triton_op`` whose PyTorch twin in
   pixels and channels are per-program fp32 partials summed on the host (deterministic, no atomics).
 
 Every statistic is fp32 (fp64 for fp64 inputs) whatever the input dtype; any input strides
-(contiguous, channels_last, sliced) are read as they are. One program covers one sample's
-(BLOCK_C, H*W) tile row block; the batch is on grid axis 0 (no 65535 limit).
+(contiguous, channels_last, sliced) are read as they are. ``afd_pool`` runs one program per sample (the
+channel max/mean reduce over all channels, so no cross-program reduction is needed); the other kernels run
+one program per (sample, block of channels). The batch is always grid axis 0 (no 65535 limit) and
+sample offsets are int64.
 """
 from __future__ import annotations
 
@@ -39,65 +41,78 @@ from .utils import check_same_device, register_decomposition
 def _afd_pool_fwd_kernel(
     x_ptr,  # (B, C, H, W) input, any strides
     feat_ptr,  # (B, K) pooled features, K = 14C (CONCAT=False: avg + max) or 28C (avg then max)
-    fidx_ptr,  # (B, 14C) int32 flat pixel index of the max of every max-SPP bin
-    sp_ptr,  # (B, 2, H*W) [max over channels, mean over channels]
-    spidx_ptr,  # (B, H*W) int32 channel index of the max over channels
+    fidx_ptr,  # (B, 14C) int32 flat pixel index (h*W + w) of the max of every max-SPP bin (WITH_IDX)
+    sp_ptr,  # (B, 2, H, W) [max over channels, mean over channels]
+    spidx_ptr,  # (B, H, W) int32 channel index of the max over channels (WITH_IDX)
     C, stride_xb, stride_xc, stride_xh, stride_xw,
-    H: tl.constexpr, W: tl.constexpr, CONCAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    H: tl.constexpr, W: tl.constexpr, CONCAT: tl.constexpr, WITH_IDX: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     acc_ty = feat_ptr.dtype.element_ty
-    offs_p = tl.arange(0, BLOCK_P)
-    ph = offs_p // W
-    pw = offs_p % W
-    p_mask = offs_p < H * W
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_w = tl.arange(0, BLOCK_W)
+    hw_mask = (offs_h < H)[:, None] & (offs_w < W)[None, :]
+    pix = offs_h[:, None] * stride_xh + offs_w[None, :] * stride_xw  # (BLOCK_H, BLOCK_W)
     nbins = 14 * C
-    x_base = x_ptr + b * stride_xb + ph * stride_xh + pw * stride_xw  # (BLOCK_P,) pixel pointers
     if CONCAT:
         feat_base = feat_ptr + b * (2 * nbins)
     else:
         feat_base = feat_ptr + b * nbins
     fidx_base = fidx_ptr + b * nbins
-    cmax = tl.full((BLOCK_P,), float("-inf"), acc_ty)
-    cidx = tl.zeros((BLOCK_P,), tl.int32)
-    csum = tl.zeros((BLOCK_P,), acc_ty)
+    x_base = x_ptr + b * stride_xb
+    cmax = tl.full((BLOCK_H, BLOCK_W), float("-inf"), acc_ty)
+    cidx = tl.zeros((BLOCK_H, BLOCK_W), tl.int32)
+    csum = tl.zeros((BLOCK_H, BLOCK_W), acc_ty)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         c_mask = offs_c < C
-        mask = c_mask[:, None] & p_mask[None, :]
-        v = tl.load(x_base[None, :] + offs_c[:, None] * stride_xc, mask=mask, other=float("-inf")).to(acc_ty)
+        mask = c_mask[:, None, None] & hw_mask[None, :, :]
+        v = tl.load(x_base + offs_c[:, None, None] * stride_xc + pix[None, :, :], mask=mask,
+                    other=float("-inf")).to(acc_ty)
+        vz = tl.where(mask, v, 0.0)
         # Max over channels; ties go to the lowest channel (strict > across blocks, min index within).
         bmax = tl.max(v, axis=0)
-        bidx = tl.min(tl.where(v == bmax[None, :], offs_c[:, None], C), axis=0)
-        better = bmax > cmax
-        cidx = tl.where(better, bidx, cidx)
-        cmax = tl.where(better, bmax, cmax)
-        csum += tl.sum(tl.where(mask, v, 0.0), axis=0)
-        # SPP bins, unrolled: window bounds are compile-time constants for a given (H, W).
+        if WITH_IDX:
+            bidx = tl.min(tl.where(v == bmax[None, :, :], offs_c[:, None, None], C), axis=0)
+            cidx = tl.where(bmax > cmax, bidx, cidx)
+        cmax = tl.maximum(cmax, bmax)
+        csum += tl.sum(vz, axis=0)
+        # SPP bins, separable: reduce each column window over w, then each row window over h. Window
+        # bounds are compile-time constants for a given (H, W).
         for s in tl.static_range(1, 4):
-            for i in tl.static_range(0, s):
-                for j in tl.static_range(0, s):
+            for j in tl.static_range(0, s):
+                w0 = (j * W) // s
+                w1 = ((j + 1) * W + s - 1) // s
+                cwin = ((offs_w >= w0) & (offs_w < w1))[None, None, :]
+                vw = tl.where(cwin, v, float("-inf"))
+                colmax = tl.max(vw, axis=2)  # (BLOCK_C, BLOCK_H)
+                colsum = tl.sum(tl.where(cwin, vz, 0.0), axis=2)
+                if WITH_IDX:  # first max column of each row
+                    colarg = tl.min(tl.where(vw == colmax[:, :, None], offs_w[None, None, :], BLOCK_W), axis=2)
+                for i in tl.static_range(0, s):
                     h0 = (i * H) // s
                     h1 = ((i + 1) * H + s - 1) // s
-                    w0 = (j * W) // s
-                    w1 = ((j + 1) * W + s - 1) // s
-                    win = (ph >= h0) & (ph < h1) & (pw >= w0) & (pw < w1)
-                    vw = tl.where(win[None, :], v, float("-inf"))
-                    wmax = tl.max(vw, axis=1)
-                    # first max in row-major window order, like PyTorch's adaptive max pool
-                    widx = tl.min(tl.where(vw == wmax[:, None], offs_p[None, :], BLOCK_P), axis=1)
-                    wavg = tl.sum(tl.where(win[None, :], v, 0.0), axis=1) / ((h1 - h0) * (w1 - w0))
+                    rwin = ((offs_h >= h0) & (offs_h < h1))[None, :]
+                    cm = tl.where(rwin, colmax, float("-inf"))
+                    wmax = tl.max(cm, axis=1)
+                    wavg = tl.sum(tl.where(rwin, colsum, 0.0), axis=1) / ((h1 - h0) * (w1 - w0))
                     k = ((s - 1) * s * (2 * s - 1) // 6) * C + offs_c * (s * s) + (i * s + j)
                     if CONCAT:
                         tl.store(feat_base + k, wavg, mask=c_mask)
                         tl.store(feat_base + nbins + k, wmax, mask=c_mask)
                     else:
                         tl.store(feat_base + k, wavg + wmax, mask=c_mask)
-                    tl.store(fidx_base + k, widx, mask=c_mask)
+                    if WITH_IDX:  # first max in row-major window order, like PyTorch's adaptive max pool
+                        row = tl.min(tl.where(cm == wmax[:, None], offs_h[None, :], BLOCK_H), axis=1)
+                        col = tl.sum(tl.where(offs_h[None, :] == row[:, None], colarg, 0), axis=1)
+                        tl.store(fidx_base + k, row * W + col, mask=c_mask)
+    sp_off = offs_h[:, None] * W + offs_w[None, :]
     sp_base = sp_ptr + b * (2 * H * W)
-    tl.store(sp_base + offs_p, cmax, mask=p_mask)
-    tl.store(sp_base + H * W + offs_p, csum / C, mask=p_mask)
-    tl.store(spidx_ptr + b * (H * W) + offs_p, cidx, mask=p_mask)
+    tl.store(sp_base + sp_off, cmax, mask=hw_mask)
+    tl.store(sp_base + H * W + sp_off, csum / C, mask=hw_mask)
+    if WITH_IDX:
+        tl.store(spidx_ptr + b * (H * W) + sp_off, cidx, mask=hw_mask)
 
 
 @triton.jit
@@ -238,13 +253,18 @@ def _afd_apply_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------
 
 try:  # private helpers, present in every torch that has triton_op (2.6+); guarded all the same
-    from torch._library.triton import is_wrap_triton_enabled
-    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.fake_tensor import FakeTensor, is_fake
 except ImportError:  # pragma: no cover
-    def is_wrap_triton_enabled() -> bool:
-        return True
+    FakeTensor = ()
 
     def is_fake(x) -> bool:
+        return False
+
+
+def _proxy_tracing() -> bool:
+    try:
+        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+    except AttributeError:  # pragma: no cover
         return False
 
 
@@ -260,9 +280,10 @@ def _launch_kernels(x: torch.Tensor) -> bool:
 
 
 def _shapes_only(x: torch.Tensor) -> bool:
-    """A fake CUDA tensor with kernel wrapping off (the fake half of a cross-check such as opcheck):
-    allocate the outputs, launch nothing. Otherwise ``wrap_triton`` records (tracing) or skips (fake) it."""
-    return not is_wrap_triton_enabled() and is_fake(x)
+    """A bare fake tensor outside graph tracing (fake shape propagation, e.g. the fake half of opcheck):
+    allocate the outputs, launch nothing. Graph tracing (torch.compile's functional tensors, make_fx's proxy
+    mode) goes on to ``wrap_triton``, which records the launch in the graph."""
+    return isinstance(x, FakeTensor) and not _proxy_tracing()
 
 
 def _tile(C: int, H: int, W: int, target: int = 4096):
@@ -280,24 +301,32 @@ def _check_x(x: torch.Tensor) -> None:
 
 
 @triton_op("mtlface_fast::afd_pool", mutates_args=())
-def afd_pool(x: torch.Tensor, concat: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pooled inputs of both AFD branches in one pass over ``x``; see :func:`mtlface_fast.layers.afd.pool_torch`."""
+def afd_pool(x: torch.Tensor, concat: bool, with_idx: bool = True
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pooled inputs of both AFD branches in one pass over ``x``; see :func:`mtlface_fast.layers.afd.pool_torch`.
+
+    ``with_idx=False`` (inference) skips the argmax bookkeeping; the index outputs are then empty.
+    """
     _check_x(x)
     if not _launch_kernels(x):
-        return pool_torch(x, concat)
+        return pool_torch(x, concat, with_idx)
     B, C, H, W = x.shape
     acc = stats_dtype(x.dtype)
     nbins = SPP_BINS * C
     feat = torch.empty((B, nbins * (2 if concat else 1)), device=x.device, dtype=acc)
-    feat_idx = torch.empty((B, nbins), device=x.device, dtype=torch.int32)
+    feat_idx = torch.empty((B, nbins if with_idx else 0), device=x.device, dtype=torch.int32)
     sp = torch.empty((B, 2, H, W), device=x.device, dtype=acc)
-    sp_idx = torch.empty((B, H, W), device=x.device, dtype=torch.int32)
-    block_c, block_p, warps = _tile(C, H, W, target=2048)
+    sp_idx = torch.empty((B, H, W) if with_idx else (B, 0, 0), device=x.device, dtype=torch.int32)
     if _shapes_only(x):
         return feat, feat_idx, sp, sp_idx
+    block_h, block_w = triton.next_power_of_2(int(H)), triton.next_power_of_2(int(W))
+    # A (BLOCK_C, BLOCK_H, BLOCK_W) tile of ~2048 elements on GPU; the interpreter prefers few big tiles.
+    target = 8192 if not x.is_cuda else 2048
+    block_c = max(1, min(triton.next_power_of_2(int(C)), target // (block_h * block_w)))
     wrap_triton(_afd_pool_fwd_kernel)[(B,)](
         x, feat, feat_idx, sp, sp_idx, C, *x.stride(),
-        H=int(H), W=int(W), CONCAT=concat, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
+        H=int(H), W=int(W), CONCAT=concat, WITH_IDX=with_idx, BLOCK_C=block_c, BLOCK_H=block_h,
+        BLOCK_W=block_w, num_warps=4)
     return feat, feat_idx, sp, sp_idx
 
 
@@ -378,7 +407,9 @@ def afd_apply_backward(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor, g_id
 # ----------------------------------------------------------------------------------------------------
 
 def _pool_setup_context(ctx, inputs, output):
-    x, concat = inputs
+    x, concat, with_idx = inputs
+    if not with_idx and x.requires_grad:
+        raise ValueError("afd_pool(with_idx=False) has no backward; pass with_idx=True when x needs a gradient")
     _, feat_idx, _, sp_idx = output
     ctx.save_for_backward(x, feat_idx, sp_idx)
     ctx.concat = concat
@@ -392,7 +423,7 @@ def _pool_backward(ctx, dfeat, dfeat_idx, dsp, dsp_idx):
         dfeat = torch.zeros((B, SPP_BINS * C * (2 if ctx.concat else 1)), device=x.device, dtype=acc)
     if dsp is None:
         dsp = torch.zeros((B, 2, H, W), device=x.device, dtype=acc)
-    return afd_pool_backward(x, dfeat, feat_idx, dsp, sp_idx, ctx.concat), None
+    return afd_pool_backward(x, dfeat, feat_idx, dsp, sp_idx, ctx.concat), None, None
 
 
 def _apply_setup_context(ctx, inputs, output):

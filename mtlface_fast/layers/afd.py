@@ -41,18 +41,20 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 # PyTorch implementation of the two passes over x (torch backend, and the kernels' decompositions)
 # ----------------------------------------------------------------------------------------------------
 
-def pool_torch(x: torch.Tensor, concat: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def pool_torch(x: torch.Tensor, concat: bool, with_idx: bool = True
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pooled inputs of both AFD branches.
 
     Args:
         x: (B, C, H, W) feature map.
         concat: TPAMI layout (avg then max, concatenated) when True, CVPR (avg + max) when False.
+        with_idx: return the argmax indices (needed for backward); when False they are empty tensors.
 
     Returns:
         feat: (B, 14C) or (B, 28C) channel-MLP input in (size, c, i, j) order, fp32.
-        feat_idx: (B, 14C) int32, flat pixel index (h*W + w) of every max-SPP bin.
+        feat_idx: (B, 14C) int32, flat pixel index (h*W + w) of every max-SPP bin ((B, 0) without idx).
         sp: (B, 2, H, W) fp32, [max over channels, mean over channels].
-        sp_idx: (B, H, W) int32, channel of the max of every pixel.
+        sp_idx: (B, H, W) int32, channel of the max of every pixel ((B, 0, 0) without idx).
     """
     xs = x.to(stats_dtype(x.dtype))
     avg, mx, idx = [], [], []
@@ -65,6 +67,9 @@ def pool_torch(x: torch.Tensor, concat: bool) -> Tuple[torch.Tensor, torch.Tenso
     feat = torch.cat([avg, mx], 1) if concat else avg + mx
     cmax, cidx = xs.max(1)
     sp = torch.stack([cmax, xs.mean(1)], 1).contiguous()
+    if not with_idx:
+        B = x.shape[0]
+        return feat, x.new_empty((B, 0), dtype=torch.int32), sp, x.new_empty((B, 0, 0), dtype=torch.int32)
     return feat, torch.cat(idx, 1).to(torch.int32), sp, cidx.to(torch.int32).contiguous()
 
 
@@ -188,7 +193,7 @@ class FusedAttentionModule(AttentionModule):
         if pooled // reduction < 1:
             raise ValueError(f"reduction {reduction} leaves no hidden unit for {pooled} pooled features")
         super().__init__(channels, reduction, variant)
-        self._fold_cache = FoldCache()
+        self._fold_caches = {}  # compute dtype -> FoldCache of the eval-mode GEMM/conv operands
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -207,10 +212,19 @@ class FusedAttentionModule(AttentionModule):
         if x.device != w.device:
             raise ValueError(f"x is on {x.device} but the module's parameters are on {w.device}")
 
-    def _build_eval(self):
+    def _build_eval(self, compute_dtype: torch.dtype):
+        acc = stats_dtype(compute_dtype)
         w2, b2 = _fold(self.channel[2].weight.flatten(1), self.channel[3])
         ws, bs = _fold(self.spatial[0].weight, self.spatial[1])
-        return dict(w2=w2, b2=b2, ws=ws, bs=bs)
+        return dict(w1=self.channel[0].weight.flatten(1).to(compute_dtype), w2=w2.to(compute_dtype),
+                    b2=b2.to(acc), ws=ws.to(acc), bs=bs.to(acc))
+
+    def _eval_operands(self, compute_dtype: torch.dtype):
+        """BN-folded operands in the compute dtype, cached until a parameter or statistic changes."""
+        if torch.compiler.is_compiling():
+            return self._build_eval(compute_dtype)
+        cache = self._fold_caches.setdefault(compute_dtype, FoldCache())
+        return cache.get(self, lambda: self._build_eval(compute_dtype))
 
     def branch_scales(self, feat: torch.Tensor, sp: torch.Tensor, compute_dtype: torch.dtype
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -219,20 +233,18 @@ class FusedAttentionModule(AttentionModule):
         The GEMMs run in ``compute_dtype`` (the input's dtype) with fp32 outputs of the BatchNorms.
         """
         acc = feat.dtype
-        conv_sp = self.spatial[0]
-        pad = conv_sp.padding
-        w1 = self.channel[0].weight.flatten(1).to(compute_dtype)
-        h = F.relu(F.linear(feat.to(compute_dtype), w1))
+        pad = self.spatial[0].padding
         if self.training:
+            h = F.relu(F.linear(feat.to(compute_dtype), self.channel[0].weight.flatten(1).to(compute_dtype)))
             z = F.linear(h, self.channel[2].weight.flatten(1).to(compute_dtype)).to(acc)
             cs = torch.sigmoid(_batch_norm_train(z, self.channel[3]))
-            s = F.conv2d(sp, conv_sp.weight.to(acc), padding=pad)
+            s = F.conv2d(sp, self.spatial[0].weight.to(acc), padding=pad).to(acc)  # (autocast may lower it)
             ss = torch.sigmoid(_batch_norm_train(s, self.spatial[1]))
         else:
-            p = self._fold_cache.get(self, self._build_eval)
-            z = F.linear(h, p["w2"].to(compute_dtype)).to(acc) + p["b2"].to(acc)
-            cs = torch.sigmoid(z)
-            ss = torch.sigmoid(F.conv2d(sp, p["ws"].to(acc), p["bs"].to(acc), padding=pad))
+            p = self._eval_operands(compute_dtype)
+            h = F.relu(F.linear(feat.to(compute_dtype), p["w1"]))
+            cs = torch.sigmoid(F.linear(h, p["w2"]).to(acc) + p["b2"])
+            ss = torch.sigmoid(F.conv2d(sp, p["ws"], p["bs"], padding=pad).to(acc))
         return cs, ss[:, 0]
 
     def forward(self, x: torch.Tensor):
@@ -244,6 +256,7 @@ class FusedAttentionModule(AttentionModule):
             pool, apply = ops.afd_pool, ops.afd_apply
         else:
             pool, apply = pool_torch, apply_torch
-        feat, _, sp, _ = pool(x, concat)
+        with_idx = torch.is_grad_enabled() and x.requires_grad  # argmax bookkeeping only for backward
+        feat, _, sp, _ = pool(x, concat, with_idx)
         cs, ss = self.branch_scales(feat, sp, x.dtype)
         return apply(x, cs, ss, att_is_age)
