@@ -17,7 +17,10 @@ from tests.utils import max_rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL = os.path.expanduser(os.environ.get("OFFICIAL_MTLFACE", ""))
-LOADER = os.path.join(os.path.dirname(ROOT), "shared", "tools", "official_mtlface.py")
+# The loader lives in the shared/tools folder beside the checkout (or beside its parent, for a worktree).
+LOADER = next((p for p in (os.path.join(os.path.dirname(ROOT), "shared", "tools", "official_mtlface.py"),
+                           os.path.join(os.path.dirname(os.path.dirname(ROOT)), "shared", "tools",
+                                        "official_mtlface.py")) if os.path.isfile(p)), "")
 
 pytestmark = pytest.mark.skipif(
     not (OFFICIAL and os.path.isdir(os.path.join(OFFICIAL, "python_package")) and os.path.isfile(LOADER)),
