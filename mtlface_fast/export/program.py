@@ -202,7 +202,10 @@ def export_program(model: nn.Module, entry: str = "recognition", *, min_batch: i
     if min_batch == max_batch:
         dynamic = None
     else:
-        batch = torch.export.Dim("batch", min=min_batch, max=max_batch)
+        # Traced at the upper bound of its range, the batch comes out of AOTInductor as a constant (torch 2.13):
+        # the program's bound then sits one above; loaders enforce the spec's range.
+        upper = max_batch + 1 if args[0].size(0) == max_batch else max_batch
+        batch = torch.export.Dim("batch", min=min_batch, max=upper)
         dynamic = tuple({0: batch} for _ in args)
     was_training = model.training
     model.eval()
