@@ -1,4 +1,4 @@
-"""The ``mtlface-fast`` command: ``demo`` (and the tools that register themselves below)."""
+"""The ``mtlface-fast`` command: ``demo``, ``bench``, ``export``."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,19 @@ def _add_bench(sub):
     p.set_defaults(func=run)
 
 
+def _add_export(sub):
+    from .export.command import __doc__ as doc, add_arguments
+    p = sub.add_parser("export", help="ONNX file, AOTInductor package or TensorRT engine of recognition/synthesis",
+                       description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    add_arguments(p)
+
+    def run(args):
+        from .export.command import execute
+        return execute(args)
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtlface-fast", description="Fast MTLFace: age-invariant face "
                                      "recognition and face age synthesis.")
@@ -49,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_demo(sub)
     _add_bench(sub)
+    _add_export(sub)
     return parser
 
 
