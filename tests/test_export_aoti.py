@@ -144,3 +144,21 @@ def test_cpp_runner_refusals(package, runner_binary, tmp_path):
         fh.write(b"not a package")
     done = run(not_ours, ok)
     assert done.returncode != 0 and "error" in done.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA AOTInductor package needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_aoti_cuda_package_parity(tmp_path, dtype):
+    fast = randomize_(MTLFace(backbone="ir34"), seed=6).eval().cuda()
+    path = str(tmp_path / "recognition_cuda.pt2")
+    spec = export_aoti(fast, path, "recognition", min_batch=1, opt_batch=8, max_batch=32, dtype=dtype, device="cuda")
+    assert spec.device == "cuda" and spec.dtype == {torch.float32: "fp32", torch.float16: "fp16"}[dtype]
+    model = load_aoti(path)
+    for batch in (1, 7, 32):
+        (images,) = example_inputs(spec, "cuda", batch=batch, seed=batch)
+        embedding, age = model(images)
+        with torch.no_grad():
+            want = fast.encode(images.float())
+        check = torch.float16 if dtype == torch.float16 else torch.bfloat16  # TF32 convolutions allowed
+        assert_close(embedding.float(), want.embedding, check, f"cuda {dtype} embedding, batch {batch}")
+        assert_close(age.float(), want.age, check, f"cuda {dtype} age, batch {batch}")

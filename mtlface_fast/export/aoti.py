@@ -111,9 +111,9 @@ class AotiModel:
 
     def __call__(self, *inputs: torch.Tensor):
         self.spec.check_inputs(*inputs)
-        device = torch.device(self.spec.device) if self.spec.device == "cpu" else inputs[0].device
-        if inputs[0].device.type != device.type:
-            raise ValueError(f"this package runs on {self.spec.device}; images are on {inputs[0].device}")
+        if any(t.device.type != self.spec.device for t in inputs):
+            raise ValueError(f"this package runs on {self.spec.device}; move the inputs there "
+                             f"(got {', '.join(str(t.device) for t in inputs)})")
         with torch.inference_mode():
             outs = self.compiled(*inputs)
         outs = tuple(outs) if isinstance(outs, (list, tuple)) else (outs,)
