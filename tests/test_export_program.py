@@ -10,7 +10,7 @@ from mtlface_fast.export.program import _adaptive_max_pool2d, _uniform_windows
 from mtlface_fast.kernels.utils import DECOMPOSITIONS
 
 
-@custom_op("mtlface_fast::_export_test_scale", mutates_args=())
+@custom_op("mtlface_export_test::_scale", mutates_args=())
 def _scale(x: torch.Tensor, a: float) -> torch.Tensor:
     return x * a + 0.5
 
@@ -20,14 +20,14 @@ def _(x, a):
     return torch.empty_like(x)
 
 
-@triton_op("mtlface_fast::_export_test_shift", mutates_args=())
+@triton_op("mtlface_export_test::_shift", mutates_args=())
 def _shift(x: torch.Tensor, b: float) -> torch.Tensor:
     return x - b
 
 
 class _Toy(torch.nn.Module):
     def forward(self, x):
-        return torch.ops.mtlface_fast._export_test_shift(torch.ops.mtlface_fast._export_test_scale(x, 2.0), 3.0) * x
+        return torch.ops.mtlface_export_test._shift(torch.ops.mtlface_export_test._scale(x, 2.0), 3.0) * x
 
 
 def _toy_program():
@@ -37,15 +37,15 @@ def _toy_program():
 
 @pytest.fixture
 def toy_decompositions(monkeypatch):
-    monkeypatch.setitem(DECOMPOSITIONS, torch.ops.mtlface_fast._export_test_scale.default, lambda x, a: x * a + 0.5)
-    monkeypatch.setitem(DECOMPOSITIONS, torch.ops.mtlface_fast._export_test_shift.default, lambda x, b: x - b)
+    monkeypatch.setitem(DECOMPOSITIONS, torch.ops.mtlface_export_test._scale.default, lambda x, a: x * a + 0.5)
+    monkeypatch.setitem(DECOMPOSITIONS, torch.ops.mtlface_export_test._shift.default, lambda x, b: x - b)
     return DECOMPOSITIONS
 
 
 def test_decompose_refuses_ops_without_decomposition():
     ep = _toy_program()
-    assert foreign_ops(ep) == ["mtlface_fast::_export_test_scale", "mtlface_fast::_export_test_shift"]
-    with pytest.raises(ValueError, match=r"mtlface_fast::_export_test_scale, mtlface_fast::_export_test_shift"):
+    assert foreign_ops(ep) == ["mtlface_export_test::_scale", "mtlface_export_test::_shift"]
+    with pytest.raises(ValueError, match=r"mtlface_export_test::_scale, mtlface_export_test::_shift"):
         decompose(ep)
 
 
@@ -59,10 +59,10 @@ def test_decompose_replaces_fused_ops_by_aten(toy_decompositions):
 
 def test_keep_triton_ops_leaves_only_triton_ops(toy_decompositions):
     table = decomposition_table(keep_triton_ops=True)
-    assert torch.ops.mtlface_fast._export_test_scale.default in table
-    assert torch.ops.mtlface_fast._export_test_shift.default not in table
+    assert torch.ops.mtlface_export_test._scale.default in table
+    assert torch.ops.mtlface_export_test._shift.default not in table
     ep = decompose(_toy_program(), keep_triton_ops=True)
-    assert foreign_ops(ep) == ["mtlface_fast::_export_test_shift"]
+    assert foreign_ops(ep) == ["mtlface_export_test::_shift"]
 
 
 @pytest.mark.parametrize("size,out", [(7, 1), (7, 2), (7, 3), (8, 3), (5, 4), (14, 3)])
