@@ -1,6 +1,8 @@
-// mtlface_infer: run an MTLFace AOTInductor package (.pt2 from `mtlface-fast export --target aoti`) from C++.
+// mtlface_infer: run an exported MTLFace from C++: an AOTInductor package (.pt2 from `mtlface-fast export
+// --target aoti`) or, when built with -DMTLFACE_WITH_TENSORRT=ON, a TensorRT engine (.engine from
+// `mtlface-fast export --target tensorrt`, with its .engine.json spec beside it).
 //
-//   mtlface_infer PACKAGE.pt2 IMAGES.npy [--target-group G[,G...]] [--out PREFIX] [--device cpu|cuda[:i]]
+//   mtlface_infer PACKAGE.pt2|MODEL.engine IMAGES.npy [--target-group G[,G...]] [--out PREFIX] [--device cpu|cuda[:i]]
 //
 // IMAGES.npy: float32 (B, 3, S, S) normalized to [-1, 1] (mtlface_fast.preprocess), little-endian, C order.
 // Recognition packages print one line per image (age and the first embedding values) and, with --out,
@@ -10,6 +12,13 @@
 // inputs outside it are refused with exit status 2.
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/torch.h>
+
+#ifdef MTLFACE_WITH_TENSORRT
+#include <NvInfer.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <memory>
+#endif
 
 #include <cstdint>
 #include <cstring>
@@ -28,7 +37,7 @@ struct UsageError : std::runtime_error {
 };
 
 const char* kUsage =
-    "usage: mtlface_infer PACKAGE.pt2 IMAGES.npy [--target-group G[,G...]] [--out PREFIX] "
+    "usage: mtlface_infer PACKAGE.pt2|MODEL.engine IMAGES.npy [--target-group G[,G...]] [--out PREFIX] "
     "[--device cpu|cuda[:i]]";
 
 // ---- .npy (format version 1.0 / 2.0), float32 and int64 little-endian, C order --------------------------
@@ -106,7 +115,7 @@ void write_npy(const std::string& path, const at::Tensor& tensor) {
 
 struct Spec {
   std::string entry;
-  int64_t min_batch, max_batch, input_size, age_group;
+  int64_t min_batch = 0, max_batch = 0, input_size = 0, age_group = 0;
 };
 
 Spec read_spec(const std::unordered_map<std::string, std::string>& meta, const std::string& package) {
@@ -120,6 +129,99 @@ Spec read_spec(const std::unordered_map<std::string, std::string>& meta, const s
   return Spec{get("entry"), std::stoll(get("min_batch")), std::stoll(get("max_batch")),
               std::stoll(get("input_size")), std::stoll(get("age_group"))};
 }
+
+bool ends_with(const std::string& text, const std::string& suffix) {
+  return text.size() >= suffix.size() && text.compare(text.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+#ifdef MTLFACE_WITH_TENSORRT
+// ---- TensorRT engines ----------------------------------------------------------------------------------
+
+// A value of the flat JSON object written by mtlface_fast (json.dumps of the export spec).
+std::string json_value(const std::string& text, const std::string& key, const std::string& path) {
+  auto pos = text.find("\"" + key + "\"");
+  if (pos == std::string::npos) throw UsageError(path + " has no \"" + key + "\"");
+  pos = text.find(':', pos);
+  auto start = text.find_first_not_of(" \t\n", pos + 1);
+  if (text[start] == '"') return text.substr(start + 1, text.find('"', start + 1) - start - 1);
+  auto end = text.find_first_of(",}", start);
+  auto value = text.substr(start, end - start);
+  return value.substr(0, value.find_last_not_of(" \t\n") + 1);
+}
+
+Spec read_engine_spec(const std::string& engine_path) {
+  const std::string path = engine_path + ".json";
+  std::ifstream in(path);
+  if (!in)
+    throw UsageError(engine_path + " has no " + path + " beside it: it was not written by "
+                     "mtlface_fast.export.export_tensorrt");
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  const std::string text = buffer.str();
+  return Spec{json_value(text, "entry", path), std::stoll(json_value(text, "min_batch", path)),
+              std::stoll(json_value(text, "max_batch", path)), std::stoll(json_value(text, "input_size", path)),
+              std::stoll(json_value(text, "age_group", path))};
+}
+
+class TrtLogger : public nvinfer1::ILogger {
+  void log(Severity severity, const char* msg) noexcept override {
+    if (severity <= Severity::kWARNING) std::cerr << "TensorRT: " << msg << "\n";
+  }
+};
+
+at::ScalarType to_scalar_type(nvinfer1::DataType type, const std::string& name) {
+  switch (type) {
+    case nvinfer1::DataType::kFLOAT: return at::kFloat;
+    case nvinfer1::DataType::kHALF: return at::kHalf;
+    case nvinfer1::DataType::kBF16: return at::kBFloat16;
+    case nvinfer1::DataType::kINT32: return at::kInt;
+    case nvinfer1::DataType::kINT64: return at::kLong;
+    case nvinfer1::DataType::kBOOL: return at::kBool;
+    default: throw std::runtime_error("engine tensor " + name + " has a dtype this runner does not handle");
+  }
+}
+
+std::vector<at::Tensor> run_engine(const std::string& path, const std::vector<at::Tensor>& inputs,
+                                   const c10::Device& device) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw UsageError("cannot open " + path);
+  std::vector<char> blob((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  static TrtLogger logger;
+  std::unique_ptr<nvinfer1::IRuntime> runtime(nvinfer1::createInferRuntime(logger));
+  std::unique_ptr<nvinfer1::ICudaEngine> engine(runtime->deserializeCudaEngine(blob.data(), blob.size()));
+  if (!engine) throw std::runtime_error("TensorRT could not deserialize " + path);
+  std::unique_ptr<nvinfer1::IExecutionContext> context(engine->createExecutionContext());
+  std::vector<at::Tensor> staged, outputs;
+  size_t next_input = 0;
+  for (int32_t i = 0; i < engine->getNbIOTensors(); ++i) {  // inputs first: output shapes depend on them
+    const char* name = engine->getIOTensorName(i);
+    if (engine->getTensorIOMode(name) != nvinfer1::TensorIOMode::kINPUT) continue;
+    if (next_input >= inputs.size()) throw std::runtime_error(path + " has more inputs than the spec");
+    at::Tensor t = inputs[next_input++].to(device, to_scalar_type(engine->getTensorDataType(name), name)).contiguous();
+    nvinfer1::Dims dims;
+    dims.nbDims = static_cast<int32_t>(t.dim());
+    for (int64_t k = 0; k < t.dim(); ++k) dims.d[k] = t.size(k);
+    if (!context->setInputShape(name, dims)) throw UsageError(std::string("input shape rejected for ") + name);
+    context->setTensorAddress(name, t.data_ptr());
+    staged.push_back(t);
+  }
+  for (int32_t i = 0; i < engine->getNbIOTensors(); ++i) {
+    const char* name = engine->getIOTensorName(i);
+    if (engine->getTensorIOMode(name) != nvinfer1::TensorIOMode::kOUTPUT) continue;
+    nvinfer1::Dims dims = context->getTensorShape(name);
+    std::vector<int64_t> shape(dims.d, dims.d + dims.nbDims);
+    at::Tensor out = at::empty(shape, at::TensorOptions()
+                                          .dtype(to_scalar_type(engine->getTensorDataType(name), name))
+                                          .device(device));
+    context->setTensorAddress(name, out.data_ptr());
+    outputs.push_back(out);
+  }
+  c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(device.index());
+  if (!context->enqueueV3(stream.stream())) throw std::runtime_error("TensorRT execution failed");
+  stream.synchronize();
+  return outputs;
+}
+#endif  // MTLFACE_WITH_TENSORRT
 
 std::vector<int64_t> parse_groups(const std::string& text) {
   std::vector<int64_t> groups;
@@ -164,9 +266,21 @@ int run(int argc, char** argv) {
   if (positional.size() != 2) throw UsageError("expected PACKAGE.pt2 and IMAGES.npy");
   const std::string& package = positional[0];
   c10::Device device(device_text);
+  const bool is_engine = ends_with(package, ".engine");
 
-  auto meta = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(package, "model");
-  Spec spec = read_spec(meta, package);
+  Spec spec;
+  if (is_engine) {
+#ifdef MTLFACE_WITH_TENSORRT
+    spec = read_engine_spec(package);
+    if (!device.is_cuda()) device = c10::Device(c10::kCUDA, 0);
+#else
+    throw UsageError("this mtlface_infer was built without TensorRT; configure with -DMTLFACE_WITH_TENSORRT=ON "
+                     "(and TENSORRT_ROOT) to run .engine files");
+#endif
+  } else {
+    auto meta = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(package, "model");
+    spec = read_spec(meta, package);
+  }
 
   at::Tensor images = read_npy(positional[1]);
   if (images.scalar_type() != at::kFloat || images.dim() != 4 || images.size(1) != 3 ||
@@ -198,10 +312,17 @@ int run(int argc, char** argv) {
     throw UsageError("--target-group is for synthesis packages; this one is a recognition package");
   }
 
-  torch::inductor::AOTIModelPackageLoader loader(package, "model", false, 1,
-                                                 device.has_index() ? device.index() : -1);
   c10::InferenceMode guard;
-  std::vector<at::Tensor> outputs = loader.run(inputs);
+  std::vector<at::Tensor> outputs;
+  if (is_engine) {
+#ifdef MTLFACE_WITH_TENSORRT
+    outputs = run_engine(package, inputs, device);
+#endif
+  } else {
+    torch::inductor::AOTIModelPackageLoader loader(package, "model", false, 1,
+                                                   device.has_index() ? device.index() : -1);
+    outputs = loader.run(inputs);
+  }
 
   if (spec.entry == "recognition") {
     at::Tensor embedding = outputs.at(0).to(at::kCPU, at::kFloat), age = outputs.at(1).to(at::kCPU, at::kFloat);

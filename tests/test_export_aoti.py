@@ -142,6 +142,8 @@ def test_cpp_runner_refusals(package, runner_binary, tmp_path):
     assert done.returncode == 2 and "--target-group is for synthesis packages" in done.stderr
     done = run(path)
     assert done.returncode == 2 and "usage: mtlface_infer" in done.stderr
+    done = run(str(tmp_path / "model.engine"), ok)  # the default build has no TensorRT
+    assert done.returncode == 2 and "built without TensorRT" in done.stderr
     not_ours = str(tmp_path / "foreign.pt2")
     with open(not_ours, "wb") as fh:
         fh.write(b"not a package")
