@@ -51,6 +51,8 @@ def test_tensorrt_argument_refusals(tmp_path):
         export_tensorrt(model, str(tmp_path / "m.engine"), dtype=torch.int8)
     with pytest.raises(ValueError, match="ops must be one of"):
         export_tensorrt(model, str(tmp_path / "m.engine"), ops="fused")
+    with pytest.raises(ValueError, match="program_path must end in .pt2"):
+        export_tensorrt(model, str(tmp_path / "m.engine"), program_path=str(tmp_path / "m.ep"))
     with pytest.raises(FileNotFoundError, match="TensorRT engine not found"):
         load_engine(str(tmp_path / "missing.engine"))
     (tmp_path / "bare.engine").write_bytes(b"\0")
@@ -79,7 +81,7 @@ def gpu_model():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_tensorrt_recognition_engine_parity(gpu_model, tmp_path, dtype):
     path = str(tmp_path / "recognition.engine")
-    program = str(tmp_path / "recognition.ep")
+    program = str(tmp_path / "recognition_trt.pt2")
     spec = export_tensorrt(gpu_model, path, "recognition", min_batch=1, opt_batch=8, max_batch=16, dtype=dtype,
                            program_path=program if dtype == torch.float16 else None)
     engine = load_engine(path)

@@ -10,12 +10,11 @@ built it.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Optional
 
 import torch
 
-from .program import SPEC_KEY, ExportSpec, decompose, dtype_name, export_program
+from .program import SPEC_KEY, ExportSpec, atomic_write_suffix, decompose, dtype_name, export_program
 
 MIN_TORCH = (2, 6)
 
@@ -79,18 +78,10 @@ def export_aoti(model, path: str, entry: str = "recognition", *, min_batch: int 
                               dtype=name, device=device)
     spec = spec.replace(target="aoti")
     ep = decompose(ep, keep_triton_ops=device.type == "cuda", what=f"the AOTInductor {device.type} package")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path)[:-4] + ".", suffix=".pt2", dir=folder)
-    os.close(fd)
-    try:
-        configs = dict(inductor_configs or {})
-        configs["aot_inductor.metadata"] = {**configs.get("aot_inductor.metadata", {}), **_metadata(spec)}
-        inductor.aoti_compile_and_package(ep, package_path=tmp, inductor_configs=configs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    configs = dict(inductor_configs or {})
+    configs["aot_inductor.metadata"] = {**configs.get("aot_inductor.metadata", {}), **_metadata(spec)}
+    atomic_write_suffix(path, lambda tmp: inductor.aoti_compile_and_package(ep, package_path=tmp,
+                                                                             inductor_configs=configs))
     return spec
 
 

@@ -4,7 +4,7 @@ Examples:
   mtlface-fast export --target onnx --entry recognition --weights my_model/ --out recognition.onnx --verify
   mtlface-fast export --target aoti --entry synthesis --weights my_model/ --out synthesis.pt2
   mtlface-fast export --target tensorrt --device cuda --dtype fp16 --max-batch 256 --opt-batch 64 \\
-      --weights my_model/ --out recognition.engine --program recognition.ep --verify
+      --weights my_model/ --out recognition.engine --program recognition_trt.pt2 --verify
 
 --verify loads the artifact back and prints its largest error relative to the PyTorch model
 (fast model, eager, fp32) on random images at the smallest and the optimal batch.
@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (aoti; tensorrt always builds on cuda)")
     p.add_argument("--ops", default="decompose", choices=OP_MODES,
                    help="tensorrt: fused ops as aten decompositions (default) or as TensorRT plugins")
-    p.add_argument("--program", help="tensorrt: also save the compiled exported program here (.ep)")
+    p.add_argument("--program", help="tensorrt: also save the compiled exported program here (.pt2)")
     p.add_argument("--verify", action="store_true", help="load the artifact and compare it with PyTorch")
 
 

@@ -29,8 +29,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..checkpoint import atomic_write
-from .program import (DTYPES, EXPORT_ATEN_DECOMPOSITIONS, ExportSpec, decompose, dtype_name, example_inputs,
-                      export_program, foreign_ops)
+from .program import (DTYPES, EXPORT_ATEN_DECOMPOSITIONS, ExportSpec, atomic_write_suffix, decompose, dtype_name,
+                      example_inputs, export_program, foreign_ops)
 
 INSTALL_HINT = ('pip install "mtlface-fast[trt]" -- torch-tensorrt of the same minor version as torch '
                 '(e.g. torch-tensorrt==2.11.* for torch 2.11), with TensorRT from NVIDIA\'s package index '
@@ -117,7 +117,7 @@ def export_tensorrt(model, path: str, entry: str = "recognition", *, min_batch: 
         min_batch, opt_batch, max_batch: the engine's optimization profile on the batch dimension.
         dtype: fp32, fp16 (default) or bf16.
         ops: ``"decompose"`` or ``"plugin"`` (see the module docstring).
-        program_path: also write the torch_tensorrt-compiled program there (``torch_tensorrt.save``,
+        program_path: also write the torch_tensorrt-compiled program there (``.pt2``; ``torch_tensorrt.save``,
             exported-program format, loadable with :func:`load_tensorrt_program`).
         compile_kwargs: passed on to torch_tensorrt (e.g. ``workspace_size``, ``optimization_level``).
 
@@ -130,6 +130,8 @@ def export_tensorrt(model, path: str, entry: str = "recognition", *, min_batch: 
     name = dtype_name(dtype)
     if ops not in OP_MODES:
         raise ValueError(f"ops must be one of {OP_MODES}, got {ops!r}")
+    if program_path is not None and not os.fspath(program_path).endswith(".pt2"):
+        raise ValueError(f"program_path must end in .pt2 (torch.export archive), got {program_path!r}")
     torch_tensorrt = _require()
     ep, spec = export_program(model, entry, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                               dtype=name, device=torch.device("cuda", torch.cuda.current_device()))
@@ -152,7 +154,7 @@ def export_tensorrt(model, path: str, entry: str = "recognition", *, min_batch: 
         sample = list(example_inputs(spec, "cuda"))
         save = torch_tensorrt.save
         kw = {"arg_inputs": sample} if "arg_inputs" in inspect.signature(save).parameters else {"inputs": sample}
-        atomic_write(os.fspath(program_path), lambda tmp: save(compiled, tmp, output_format="exported_program", **kw))
+        atomic_write_suffix(program_path, lambda tmp: save(compiled, tmp, output_format="exported_program", **kw))
         _write_spec(os.fspath(program_path), spec)
     return spec
 
