@@ -16,14 +16,13 @@
 #ifdef MTLFACE_WITH_TENSORRT
 #include <NvInfer.h>
 #include <c10/cuda/CUDAStream.h>
-
-#include <memory>
 #endif
 
 #include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -269,6 +268,7 @@ int run(int argc, char** argv) {
   const bool is_engine = ends_with(package, ".engine");
 
   Spec spec;
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
   if (is_engine) {
 #ifdef MTLFACE_WITH_TENSORRT
     spec = read_engine_spec(package);
@@ -278,8 +278,11 @@ int run(int argc, char** argv) {
                      "(and TENSORRT_ROOT) to run .engine files");
 #endif
   } else {
-    auto meta = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(package, "model");
-    spec = read_spec(meta, package);
+    std::ifstream probe(package, std::ios::binary);
+    if (!probe) throw UsageError("cannot open " + package);
+    loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(package, "model", false, 1,
+                                                                       device.has_index() ? device.index() : -1);
+    spec = read_spec(loader->get_metadata(), package);
   }
 
   at::Tensor images = read_npy(positional[1]);
@@ -319,9 +322,7 @@ int run(int argc, char** argv) {
     outputs = run_engine(package, inputs, device);
 #endif
   } else {
-    torch::inductor::AOTIModelPackageLoader loader(package, "model", false, 1,
-                                                   device.has_index() ? device.index() : -1);
-    outputs = loader.run(inputs);
+    outputs = loader->run(inputs);
   }
 
   if (spec.entry == "recognition") {

@@ -9,6 +9,7 @@ built it.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Optional
 
@@ -94,7 +95,9 @@ class AotiModel:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"AOTInductor package not found: {path}")
         self.path = path
-        self.compiled = inductor.aoti_load_package(path, device_index=device_index)
+        load = inductor.aoti_load_package
+        kwargs = {"device_index": device_index} if "device_index" in inspect.signature(load).parameters else {}
+        self.compiled = load(path, **kwargs)
         meta = self.compiled.loader.get_metadata()
         if SPEC_KEY not in meta:
             raise ValueError(f"{path} was not written by mtlface_fast.export.export_aoti (no {SPEC_KEY} metadata)")
