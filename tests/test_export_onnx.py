@@ -41,8 +41,9 @@ def _standard_ops_only(path):
     domains = {node.domain for node in proto.graph.node}
     assert domains <= {"", "ai.onnx"}, f"non-standard ONNX domains in the graph: {domains}"
     batch_dims = {inp.name: inp.type.tensor_type.shape.dim[0] for inp in proto.graph.input}
+    batch_dims.update({out.name: out.type.tensor_type.shape.dim[0] for out in proto.graph.output})
     for name, dim in batch_dims.items():
-        assert dim.dim_param and not dim.dim_value, f"input {name}: batch is not dynamic ({dim})"
+        assert dim.dim_param == "batch" and not dim.dim_value, f"{name}: batch is not the dynamic dim 'batch' ({dim})"
     return proto
 
 

@@ -55,11 +55,27 @@ def export_onnx(model, path: str, entry: str = "recognition", *, min_batch: int 
     ep = decompose(ep, what="the ONNX export")
     program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, input_names=list(spec.input_names),
                                 output_names=list(spec.output_names), optimize=True, verbose=False)
+    if spec.min_batch != spec.max_batch:
+        _name_batch_dim(program.model)
     program.model.metadata_props[SPEC_KEY] = spec.to_json()
     atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
     if check:
         _require("onnx").checker.check_model(os.fspath(path))
     return spec
+
+
+def _name_batch_dim(model, name: str = "batch") -> None:
+    """Call the symbolic batch dimension (``s0``, ``s34``, ... after tracing) ``batch`` on every value."""
+    from onnxscript import ir
+    first = model.graph.inputs[0].shape
+    if first is None or not isinstance(first[0], ir.SymbolicDim):
+        return
+    old = first[0].value
+    values = list(model.graph.inputs) + list(model.graph.outputs) + [out for node in model.graph for out in node.outputs]
+    for value in values:
+        if value.shape is not None:
+            value.shape = ir.Shape([ir.SymbolicDim(name) if isinstance(d, ir.SymbolicDim) and d.value == old else d
+                                    for d in value.shape])
 
 
 def read_spec(path: str) -> ExportSpec:
