@@ -1,4 +1,4 @@
-"""The ``mtlface-fast`` command: ``demo``, ``eval`` (and the tools that register themselves below)."""
+"""The ``mtlface-fast`` command: ``demo``, ``bench``, ``eval``, ``export``."""
 from __future__ import annotations
 
 import argparse
@@ -41,17 +41,13 @@ def _add_bench(sub):
     p.set_defaults(func=run)
 
 
-def _add_eval(sub):
-    from .eval.runner import __doc__ as doc, add_arguments
-    p = sub.add_parser("eval", help="verification, identification, age and synthesis metrics (JSON + Markdown)",
-                       description=doc, formatter_class=argparse.RawTextHelpFormatter)
-    add_arguments(p)
-
-    def run(args):
-        from .eval.runner import execute
-        return execute(args)
-
-    p.set_defaults(func=run)
+def _add_tool(sub, name: str, module: str, help: str):
+    """A subcommand whose arguments and ``execute(args)`` live in ``mtlface_fast.<module>``."""
+    import importlib
+    mod = importlib.import_module(f"{__package__}.{module}")
+    p = sub.add_parser(name, help=help, description=mod.__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    mod.add_arguments(p)
+    p.set_defaults(func=lambda args: mod.execute(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_demo(sub)
     _add_bench(sub)
-    _add_eval(sub)
+    _add_tool(sub, "eval", "eval.runner", "verification, identification, age and synthesis metrics (JSON + Markdown)")
+    _add_tool(sub, "export", "export.command",
+              "ONNX file, AOTInductor package or TensorRT engine of recognition/synthesis")
     return parser
 
 

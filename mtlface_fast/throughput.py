@@ -10,6 +10,8 @@ one process on the same weights and inputs:
 * ``ours``                -- ``mtlface_fast.MTLFace`` (``--dtype`` via autocast)
 * ``ours_compile``        -- ``torch.compile`` of ours
 * ``ours_cudagraphs``     -- ours compiled with CUDA graphs (``mode="reduce-overhead"``; CUDA only)
+* ``ours_tensorrt``       -- (``encode``/``synthesize``) a TensorRT engine of ours in ``--dtype``, built for the
+                            batch (``mtlface_fast.export``); skipped when torch_tensorrt or a GPU is absent
 * ``reference_x7``        -- (``synthesize_all`` only) seven ``synthesize`` calls of the reference
 
 ``--arch tpami`` times the TPAMI model instead (encode with flip TTA, StyleGAN2 decoder with the stored
@@ -36,7 +38,7 @@ from .benchmark import RESULTS_DIR, environment, time_fn, write_results
 
 TASKS = ("encode", "synthesize", "synthesize_all", "train_step")
 VARIANTS = ("reference", "reference_autocast", "reference_compile", "reference_x7", "ours", "ours_compile",
-            "ours_cudagraphs")
+            "ours_cudagraphs", "ours_tensorrt")
 CPU_DEFAULT_VARIANTS = ("reference", "reference_x7", "ours")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -90,6 +92,8 @@ def build_cases(task: str, variant: str, models: Dict[str, torch.nn.Module], x: 
         model.train()
         return _aifr_step_fn(model, head, da, opt, x, ids, ages, amp, device)
     model.eval()
+    if variant == "ours_tensorrt":
+        return _tensorrt_case(task, model, x, dtype, target)
     if task == "encode":
         fn = lambda inp: model.encode(inp)  # noqa: E731
     elif task == "synthesize":
@@ -106,6 +110,24 @@ def build_cases(task: str, variant: str, models: Dict[str, torch.nn.Module], x: 
     def run():
         with torch.inference_mode(), _autocast(device, amp):
             return fn(x)
+    return run
+
+
+def _tensorrt_case(task: str, model, x: torch.Tensor, dtype: torch.dtype, target: torch.Tensor):
+    """A TensorRT engine of ``model`` for this batch (built in a temporary folder), run on ``x``."""
+    import tempfile
+
+    from .export import export_tensorrt, load_engine
+    entry = {"encode": "recognition", "synthesize": "synthesis"}[task]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{entry}.engine")
+        export_tensorrt(model, path, entry, min_batch=1, opt_batch=x.size(0), max_batch=x.size(0), dtype=dtype)
+        engine = load_engine(path)
+    inputs = (x.to(dtype),) if entry == "recognition" else (x.to(dtype), target)
+
+    def run():
+        with torch.inference_mode():
+            return engine(*inputs)
     return run
 
 
@@ -158,10 +180,18 @@ def run(args) -> Dict:
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else list(
         CPU_DEFAULT_VARIANTS if not device.startswith("cuda") else
         ("reference", "reference_autocast", "reference_compile", "reference_x7", "ours", "ours_compile",
-         "ours_cudagraphs"))
+         "ours_cudagraphs", "ours_tensorrt"))
     for v in variants:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {VARIANTS}")
+    skipped = {}
+    if "ours_tensorrt" in variants:
+        from .export import tensorrt_available
+        ok, reason = tensorrt_available()
+        if not ok:
+            skipped["ours_tensorrt"] = reason
+            variants = [v for v in variants if v != "ours_tensorrt"]
+            print(f"throughput: skipping ours_tensorrt: {reason}", file=sys.stderr)
     batches = [int(b) for b in str(args.batch).split(",")]
     torch.manual_seed(args.seed)
     arch = getattr(args, "arch", "cvpr")
@@ -174,7 +204,8 @@ def run(args) -> Dict:
 
     cases = [(t, b, v) for t in tasks for b in batches for v in variants
              if not (v == "reference_x7" and t != "synthesize_all")
-             and not (v == "ours_cudagraphs" and not device.startswith("cuda"))]
+             and not (v == "ours_cudagraphs" and not device.startswith("cuda"))
+             and not (v == "ours_tensorrt" and t not in ("encode", "synthesize"))]
     results: List[Dict] = []
     try:
         from tqdm import tqdm
@@ -208,7 +239,7 @@ def run(args) -> Dict:
     return {"benchmark": "throughput", "env": environment(device),
             "settings": dict(device=device, dtype=args.dtype, arch=arch, backbone=args.backbone,
                              input_size=args.input_size, age_group=args.age_group, batches=batches, tasks=tasks,
-                             variants=variants, warmup=args.warmup, iters=args.iters,
+                             variants=variants, warmup=args.warmup, iters=args.iters, skipped_variants=skipped,
                              backend=os.environ.get("MTLFACE_FAST_BACKEND", "auto")),
             "results": results}
 

@@ -1,0 +1,98 @@
+"""``mtlface-fast export``: write an ONNX file, an AOTInductor package or a TensorRT engine.
+
+Examples:
+  mtlface-fast export --target onnx --entry recognition --weights my_model/ --out recognition.onnx --verify
+  mtlface-fast export --target aoti --entry synthesis --weights my_model/ --out synthesis.pt2
+  mtlface-fast export --target tensorrt --device cuda --dtype fp16 --max-batch 256 --opt-batch 64 \\
+      --weights my_model/ --out recognition.engine --program recognition_trt.pt2 --verify
+
+--verify loads the artifact back and prints its largest error relative to the PyTorch model
+(fast model, eager, fp32) on random images at the smallest and the optimal batch.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+TARGET_SUFFIX = {"onnx": ".onnx", "aoti": ".pt2", "tensorrt": ".engine"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .program import DTYPES, ENTRIES
+    from .tensorrt import OP_MODES
+    p.add_argument("--target", required=True, choices=sorted(TARGET_SUFFIX), help="onnx, aoti or tensorrt")
+    p.add_argument("--entry", default="recognition", choices=ENTRIES,
+                   help="recognition (images -> embedding, age) or synthesis (images, target_group -> image)")
+    p.add_argument("--out", required=True, help="artifact path (.onnx / .pt2 / .engine)")
+    p.add_argument("--weights", help="a folder written by save_pretrained, or an official backbone checkpoint "
+                                     "(default: a seeded random model, for trying the pipeline)")
+    p.add_argument("--generator", help="official generator checkpoint (with an official --weights)")
+    p.add_argument("--estimator", help="official estimation-network checkpoint (with an official --weights)")
+    p.add_argument("--backbone", default="ir50", help="backbone of the random model when no --weights (ir50)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random model (0)")
+    p.add_argument("--min-batch", type=int, default=1)
+    p.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT optimizes for (default: max)")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="fp32 (onnx, aoti cpu), fp16/bf16 (tensorrt, aoti cuda); default fp32, fp16 for tensorrt")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (aoti; tensorrt always builds on cuda)")
+    p.add_argument("--ops", default="decompose", choices=OP_MODES,
+                   help="tensorrt: fused ops as aten decompositions (default) or as TensorRT plugins")
+    p.add_argument("--program", help="tensorrt: also save the compiled exported program here (.pt2)")
+    p.add_argument("--verify", action="store_true", help="load the artifact and compare it with PyTorch")
+
+
+def _load(target: str, path: str):
+    from . import load_aoti, load_engine, load_onnx
+    return {"onnx": load_onnx, "aoti": load_aoti, "tensorrt": load_engine}[target](path)
+
+
+def verify(model, target: str, path: str, spec) -> float:
+    """Largest relative error of the artifact vs ``model`` (fp32, eager) over two batch sizes; printed."""
+    from .program import WRAPPERS, example_inputs
+    runner = _load(target, path)
+    device = "cuda" if spec.device == "cuda" else "cpu"
+    reference = WRAPPERS[spec.entry](model.float().to(device).eval())
+    worst = 0.0
+    for batch in sorted({spec.min_batch, spec.opt_batch}):
+        inputs = example_inputs(spec, device, batch=batch, seed=batch)
+        outs = runner(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        with torch.no_grad():
+            want = reference(inputs[0].float(), *inputs[1:])
+        want = want if isinstance(want, tuple) else (want,)
+        for name, got, exp in zip(spec.output_names, outs, want):
+            got, exp = got.detach().double().cpu(), exp.detach().double().cpu()
+            err = float((got - exp).abs().max() / exp.abs().max().clamp_min(1e-30))
+            worst = max(worst, err)
+            print(f"verify: batch {batch} {name}: max relative error {err:.3e}")
+    return worst
+
+
+def execute(args) -> int:
+    from ..demo import load_model
+    from . import export_aoti, export_onnx, export_tensorrt
+    suffix = TARGET_SUFFIX[args.target]
+    if not args.out.endswith(suffix):
+        raise ValueError(f"--out for --target {args.target} must end in {suffix}, got {args.out!r}")
+    if args.program and args.target != "tensorrt":
+        raise ValueError("--program is for --target tensorrt")
+    dtype = args.dtype or ("fp16" if args.target == "tensorrt" else "fp32")
+    model, what = load_model(args.weights, args.generator, args.estimator, args.backbone, args.seed)
+    print(f"model: {what}")
+    batches = dict(min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch)
+    start = time.perf_counter()
+    if args.target == "onnx":
+        spec = export_onnx(model, args.out, args.entry, dtype=dtype, **batches)
+    elif args.target == "aoti":
+        spec = export_aoti(model, args.out, args.entry, dtype=dtype, device=args.device, **batches)
+    else:
+        spec = export_tensorrt(model.to("cuda") if torch.cuda.is_available() else model, args.out, args.entry,
+                               dtype=dtype, ops=args.ops, program_path=args.program, **batches)
+    print(f"wrote {args.out} ({args.target}, {spec.entry}, {spec.dtype}, batch {spec.min_batch}..{spec.max_batch}) "
+          f"in {time.perf_counter() - start:.1f} s")
+    if args.verify:
+        verify(model, args.target, args.out, spec)
+    return 0
