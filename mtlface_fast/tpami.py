@@ -25,13 +25,13 @@ from .reference.tpami import TPAMIAgingModule, TPAMIMTLFace
 def compact_icm_layer() -> Optional[Callable[..., nn.Module]]:
     """The compact ICM class for the TPAMI encoder, ``cls(in_channels, age_group, repeat_num)``, if one exists.
 
-    Uses ``layers.CompactTPAMIAgingModule`` when provided, else composes ``layers.CompactICMMixin`` (an
+    Uses ``layers.CompactTPAMIAgingModule`` when provided, else composes ``layers.CompactICM`` (the
     ICMBase mixin overriding ``icm``) with :class:`TPAMIAgingModule`; None when neither exists.
     """
     cls = getattr(layers, "CompactTPAMIAgingModule", None)
     if cls is not None:
         return cls
-    mixin = getattr(layers, "CompactICMMixin", None)
+    mixin = getattr(layers, "CompactICM", None)
     if mixin is not None:
         return type("CompactTPAMIAgingModule", (mixin, TPAMIAgingModule), {})
     return None
