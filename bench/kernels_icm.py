@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -50,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--train-steps", type=int, default=20, help="bn_stats comparison steps (0: skip)")
     parser.add_argument("--train-batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU runs)")
 
 
 def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -95,6 +98,18 @@ def _step_fn(fn, x, g, w, mode, dtype, device, params):
     return run
 
 
+def _cpu_time(fn, warmup: int, iters: int) -> float:
+    """Median process CPU time per call in ms (robust to other processes sharing the cores)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.process_time()
+        fn()
+        times.append((time.process_time() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def _max_rel(a, b):
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
@@ -137,7 +152,7 @@ def _train_comparison(args, device):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         fast.eval()
         with torch.no_grad():
             eval_loss = float(torch.nn.functional.mse_loss(fast.icm(x, g), target))
@@ -162,6 +177,8 @@ def run(args) -> dict:
     names = (args.variants or ("ref,ref_compile,torch,triton" if cuda else "ref,torch")).split(",")
     iters = args.iters or (50 if cuda else 5)
     warmup = args.warmup or (10 if cuda else 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
     ref, fast = _modules(args, device)
@@ -200,16 +217,23 @@ def run(args) -> dict:
                     t = time_fn(fn, device, warmup=warmup, iters=iters)
                     row = dict(variant=name, mode=mode, dtype=dname, batch=B, **t,
                                images_per_s=B / (t["median_ms"] / 1e3))
+                    if not cuda:
+                        row["cpu_time_ms"] = _cpu_time(fn, 1, iters)
                     base[name] = t["median_ms"]
                     rows.append(row)
                 for row in rows[-len(names):]:
+                    if "cpu_time_ms" in row and "ref" in names:
+                        ref_row = rows[-len(names) + names.index("ref")]
+                        row["cpu_time_speedup_vs_ref"] = ref_row["cpu_time_ms"] / row["cpu_time_ms"]
                     if "ref" in base:
                         row["speedup_vs_ref"] = base["ref"] / row["median_ms"]
                     if "ref_compile" in base:
                         row["speedup_vs_ref_compile"] = base["ref_compile"] / row["median_ms"]
                 print(f"{mode:7s} {dname} B={B:4d} " + "  ".join(
                     f"{r['variant']}={r['median_ms']:.3f}ms" + (f" ({r['speedup_vs_ref']:.1f}x)" if "speedup_vs_ref" in r
-                                                             else "") for r in rows[-len(names):]))
+                                                             else "")
+                    + (f" cpu={r['cpu_time_ms']:.1f}ms ({r['cpu_time_speedup_vs_ref']:.1f}x)"
+                       if "cpu_time_speedup_vs_ref" in r else "") for r in rows[-len(names):]))
     payload = {"op": "icm", "env": environment(device), "shape": [None, 512, args.size, args.size],
                "age_group": args.age_group, "sigma": args.sigma, "unit_count": 128, "repeat_num": 4,
                "max_rel_err_eval": check, "rows": rows}

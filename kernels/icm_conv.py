@@ -63,8 +63,6 @@ def _icm_conv_fwd_kernel(
     y_ptr,           # (B, N_OUT, H, W) contiguous output
     offsets_ptr,     # (G + 1,) int32 first sorted sample of each group
     starts_ptr,      # (G,) int32 first channel of each group's window
-    tile_group_ptr,  # (T,) int32 group of each row tile (G: unused tile)
-    tile_row_ptr,    # (T,) int32 first row (sample * H * W + pixel) of each row tile
     G, CIN, N_OUT, H, W, w_off,
     sxb, sxc, sxh, sxw, swo, swi, swh, sww, neg_slope,
     IN_WIN: tl.constexpr, OUT_WIN: tl.constexpr, KS: tl.constexpr,
@@ -73,11 +71,23 @@ def _icm_conv_fwd_kernel(
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    g = tl.load(tile_group_ptr + pid_t)
+    HW = H * W
+    # Row tile -> (group, first row): each group's rows are cut into BLOCK_M tiles, groups in order; the
+    # grid has cdiv(B * HW, BLOCK_M) + G tiles, the unused ones find no group (g == G) and exit.
+    g = G
+    row0 = 0
+    row_end = 0
+    tile0 = 0
+    for gg in range(0, G):
+        lo = tl.load(offsets_ptr + gg) * HW
+        hi = tl.load(offsets_ptr + gg + 1) * HW
+        nt = (hi - lo + BLOCK_M - 1) // BLOCK_M
+        inside = (pid_t >= tile0) & (pid_t < tile0 + nt)
+        g = tl.where(inside, gg, g)
+        row0 = tl.where(inside, lo + (pid_t - tile0) * BLOCK_M, row0)
+        row_end = tl.where(inside, hi, row_end)
+        tile0 += nt
     if g < G:
-        HW = H * W
-        row0 = tl.load(tile_row_ptr + pid_t)
-        row_end = tl.load(offsets_ptr + g + 1) * HW
         s = tl.load(starts_ptr + g)
         rows = row0 + tl.arange(0, BLOCK_M)
         m_ok = rows < row_end
@@ -217,25 +227,6 @@ def _block_m(rows_per_group: float) -> int:
     return 32 if rows_per_group < 256 else 64
 
 
-def row_tiles(offsets: torch.Tensor, batch: int, hw: int, block_m: int):
-    """(tile_group, tile_row) for a grid of ``cdiv(batch * hw, block_m) + G`` row tiles, on device.
-
-    Each group's rows ``[offsets[g] * hw, offsets[g + 1] * hw)`` are cut into ``block_m``-row tiles;
-    unused trailing tiles get group G. Computed with tensor ops (no host synchronization).
-    """
-    G = offsets.numel() - 1
-    off = offsets.long()
-    counts = off[1:] - off[:-1]
-    tiles = (counts * hw + block_m - 1) // block_m
-    cum = torch.cumsum(tiles, 0)
-    T = (batch * hw + block_m - 1) // block_m + G
-    t = torch.arange(T, device=offsets.device)
-    grp = torch.searchsorted(cum, t, right=True)
-    gc = grp.clamp(max=G - 1)
-    row0 = off[gc] * hw + (t - (cum - tiles)[gc]) * block_m
-    return grp.to(torch.int32), row0.to(torch.int32)
-
-
 def _check(x, weight, offsets, starts, unit, in_win, out_win):
     check_same_device(x=x, weight=weight, offsets=offsets, starts=starts)
     if x.dim() != 4 or weight.dim() != 4 or weight.size(2) != weight.size(3) or weight.size(2) % 2 != 1:
@@ -269,14 +260,14 @@ def _launch_conv(x, weight, offsets, starts, unit, in_win, out_win, n_out, *, sc
         w_off = (ks - 1) * (swh + sww)
         swh, sww = -swh, -sww
     bm = _block_m(B * H * W / max(G, 1))
-    tile_group, tile_row = row_tiles(offsets, B, H * W, bm)
     dummy = y
     res = residual.contiguous() if residual is not None else None
-    grid = lambda meta: (tile_group.numel(), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
+    n_tiles = triton.cdiv(B * H * W, bm) + G
+    grid = lambda meta: (n_tiles, triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     wrap_triton(_icm_conv_fwd_kernel)[grid](
         x, w, scale if scale is not None else dummy, shift if shift is not None else dummy,
         res if res is not None else dummy, slope if slope is not None else dummy, y,
-        offsets, starts, tile_group, tile_row,
+        offsets, starts,
         G, cin, n_out, H, W, w_off, *x.stride(), swo, swi, swh, sww, float(neg_slope),
         IN_WIN=bool(in_win), OUT_WIN=bool(out_win), KS=ks, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, HAS_RES=res is not None, ACT=int(act), DOT_PREC=_dot_precision(x),

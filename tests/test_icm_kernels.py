@@ -149,11 +149,15 @@ def test_full_size_train_step_matches_reference():
     _buffers_match(fast, ref)
 
 
-def test_torch_eval_cache_follows_parameter_changes():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_eval_cache_follows_parameter_changes(backend, ieee_fp32):
+    if backend == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") != "0"):
+        pytest.skip("needs CUDA or the Triton interpreter (TRITON_INTERPRET=1)")
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     ref, fast = _pair("cvpr", 4, 0.25, unit=8, cin=12, repeat=1, seed=11)
-    ref.eval(), fast.eval()
-    x, g = torch.randn(3, 12, 3, 3), torch.tensor([1, 3, 1])
-    with use_backend("torch"), torch.no_grad():
+    ref, fast = ref.to(dev).eval(), fast.to(dev).eval()
+    x, g = torch.randn(3, 12, 3, 3, device=dev), torch.tensor([1, 3, 1], device=dev)
+    with use_backend(backend), torch.no_grad():
         assert_close(fast.icm(x, g), ref.icm(x, g), name="first call")
         for m in (ref, fast):
             m.transform[0].conv1[1].running_var.mul_(3.0)
