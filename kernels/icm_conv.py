@@ -74,10 +74,11 @@ def _icm_conv_fwd_kernel(
     HW = H * W
     # Row tile -> (group, first row): each group's rows are cut into BLOCK_M tiles, groups in order; the
     # grid has cdiv(B * HW, BLOCK_M) + G tiles, the unused ones find no group (g == G) and exit.
-    g = G
-    row0 = 0
-    row_end = 0
-    tile0 = 0
+    zero = tl.zeros([], dtype=tl.int32)  # loop-carried scalars start as int32 tensors
+    g = zero + G
+    row0 = zero
+    row_end = zero
+    tile0 = zero
     for gg in range(0, G):
         lo = tl.load(offsets_ptr + gg) * HW
         hi = tl.load(offsets_ptr + gg + 1) * HW

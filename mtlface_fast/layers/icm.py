@@ -304,8 +304,8 @@ def _compact_icm_grouped(module: ICMBase, x_sorted: torch.Tensor, segs, windows)
     else:
         cache = module.__dict__.setdefault("_icm_eval_cache", _EvalCache())
         params = cache.get(module, dtype)
-        if P < module.age_group:  # keep the present groups' blocks
-            present = [g for g, _, _ in segs]
+        present = [g for g, _, _ in segs]
+        if present != list(range(module.age_group)):  # the blocks of the slots' groups, in slot order
             params = [_select_groups(p, present, module.age_group) for p in params]
     slot = torch.zeros(n_max, P, dtype=torch.long, device=dev)
     valid = torch.zeros(n_max, P, dtype=torch.bool, device=dev)
@@ -364,6 +364,11 @@ def compact_icm_torch(module: ICMBase, x_id: torch.Tensor, groups: torch.Tensor,
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     if not any(_uses_batch_stats(m) or (isinstance(m, nn.InstanceNorm2d) and m.affine) for m in module.modules()):
+        n_max, B = max(n for _, _, n in segs), x_id.size(0)
+        if n_max * len(segs) > 1.25 * B and B <= 12:
+            # Unbalanced small batch: one slot per sample (weights gathered per sample) beats zero padding.
+            segs = [(g, off + i, 1) for g, off, n in segs for i in range(n)]
+            windows = [slice(module.starts[g], module.starts[g] + U) for g, _, _ in segs]
         return _compact_icm_grouped(module, xs_sorted, segs, windows).index_select(0, inverse)
     xs = [xs_sorted[off:off + n] for _, off, n in segs]
 
