@@ -67,7 +67,8 @@ def _icm_conv_fwd_kernel(
     sxb, sxc, sxh, sxw, swo, swi, swh, sww, neg_slope,
     IN_WIN: tl.constexpr, OUT_WIN: tl.constexpr, KS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -120,6 +121,8 @@ def _icm_conv_fwd_kernel(
                     a = tl.load(x_row[:, None] + k[None, :] * sxc, mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
                     wt = tl.load(w_tap[None, :] + (ci0 + k)[:, None] * swi, mask=k_ok[:, None] & n_ok[None, :],
                                  other=0.0)
+                    if DOT_F32:
+                        a, wt = a.to(tl.float32), wt.to(tl.float32)
                     acc += tl.dot(a, wt, input_precision=DOT_PREC)
         # Epilogue in fp32: folded BN / bias, residual, activation; one rounding to the output dtype.
         if HAS_SCALE:
@@ -147,7 +150,7 @@ def _icm_conv_wgrad_kernel(
     starts_ptr,   # (G,) int32 first channel of each group's window
     G, CIN, N_OUT, C_OUT_FULL, C_IN_FULL, H, W,
     sxb, sxc, sxh, sxw,
-    IN_WIN: tl.constexpr, OUT_WIN: tl.constexpr, KS: tl.constexpr, DOT_PREC: tl.constexpr,
+    IN_WIN: tl.constexpr, OUT_WIN: tl.constexpr, KS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_o = tl.program_id(0)
@@ -190,6 +193,8 @@ def _icm_conv_wgrad_kernel(
                              mask=m_ok[:, None] & n_ok[None, :], other=0.0)
                 xa = tl.load(x_ptr + (b * sxb + ih * sxh + iw * sxw)[:, None] + k[None, :] * sxc,
                              mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+                if DOT_F32:
+                    dy, xa = dy.to(tl.float32), xa.to(tl.float32)
                 acc += tl.dot(tl.trans(dy), xa, input_precision=DOT_PREC)
     ok = (co < C_OUT_FULL)[:, None] & (ci < C_IN_FULL)[None, :]
     tl.store(dw_ptr + (co[:, None] * C_IN_FULL + ci[None, :]) * (KS * KS) + tap, acc, mask=ok)
@@ -214,6 +219,12 @@ def _use_kernels(x: torch.Tensor) -> bool:
     if x.device.type != "cpu" or _is_fake(x) or torch.compiler.is_compiling():
         return False
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _dot_f32(x: torch.Tensor) -> bool:
+    """bf16/fp16 tiles are multiplied as fp32 in the Triton interpreter, whose low-precision ``tl.dot`` is
+    wrong (triton 3.9); on GPUs they go to the tensor cores as they are."""
+    return not x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 
 def _dot_precision(x: torch.Tensor) -> str:
@@ -272,6 +283,7 @@ def _launch_conv(x, weight, offsets, starts, unit, in_win, out_win, n_out, *, sc
         G, cin, n_out, H, W, w_off, *x.stride(), swo, swi, swh, sww, float(neg_slope),
         IN_WIN=bool(in_win), OUT_WIN=bool(out_win), KS=ks, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, HAS_RES=res is not None, ACT=int(act), DOT_PREC=_dot_precision(x),
+        DOT_F32=_dot_f32(x),
         BLOCK_M=bm)
     return y
 
@@ -422,7 +434,7 @@ def icm_conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     grid = lambda meta: (triton.cdiv(c_out, meta["BLOCK_N"]), triton.cdiv(c_in, meta["BLOCK_K"]), ks * ks)  # noqa
     wrap_triton(_icm_conv_wgrad_kernel)[grid](
         dy, x, dw, offsets, starts, starts.numel(), cin, dy.size(1), c_out, c_in, H, W, *x.stride(),
-        IN_WIN=bool(in_win), OUT_WIN=bool(out_win), KS=ks, DOT_PREC=_dot_precision(x))
+        IN_WIN=bool(in_win), OUT_WIN=bool(out_win), KS=ks, DOT_PREC=_dot_precision(x), DOT_F32=_dot_f32(x))
     return dw.to(weight.dtype)
 
 

@@ -452,3 +452,20 @@ def test_compiles_without_graph_breaks():
     compiled = torch.compile(fast.icm, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         assert_close(compiled(x, g), ref.icm(x, g), name="compiled icm")
+
+
+@triton_only
+@pytest.mark.parametrize("train", [False, True])
+def test_triton_module_bf16_autocast(train):
+    ref, fast = _pair("cvpr", 4, 0.25, unit=16, cin=16, repeat=1, seed=13)
+    ref, fast = ref.to(DEV).train(train), fast.to(DEV).train(train)
+    x, g = torch.randn(5, 16, 3, 3, device=DEV), torch.tensor([2, 0, 2, 3, 0], device=DEV)
+    with torch.no_grad():
+        expected = copy.deepcopy(ref).icm(x, g)
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            ref16 = copy.deepcopy(ref).icm(x, g)
+            with use_backend("triton"):
+                got = fast.icm(x, g)
+    assert got.dtype == torch.bfloat16
+    assert_close(got.float(), expected, torch.bfloat16, name="bf16 icm",
+                 rtol=max(2e-2, 2 * max_rel_err(ref16.float(), expected)))
