@@ -469,3 +469,24 @@ def test_triton_module_bf16_autocast(train):
     assert got.dtype == torch.bfloat16
     assert_close(got.float(), expected, torch.bfloat16, name="bf16 icm",
                  rtol=max(2e-2, 2 * max_rel_err(ref16.float(), expected)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_triton_eval_is_cuda_graph_capturable(ieee_fp32):
+    ref, fast = _pair("cvpr", 7, 0.1, unit=16, cin=32, repeat=2, seed=14)
+    ref, fast = ref.cuda().eval(), fast.cuda().eval()
+    x, g = torch.randn(9, 32, 7, 7, device="cuda"), torch.tensor([6, 0, 3, 3, 1, 5, 2, 4, 0], device="cuda")
+    with use_backend("triton"), torch.no_grad():
+        fast.icm(x, g)  # autotune and parameter caches outside the capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fast.icm(x, g)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fast.icm(x, g)
+        x.copy_(torch.randn_like(x))
+        g.copy_(torch.tensor([1, 1, 1, 2, 6, 6, 0, 3, 5], device="cuda"))
+        graph.replay()
+        assert_close(out, ref.icm(x, g), name="graph replay")
