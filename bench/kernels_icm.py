@@ -262,8 +262,8 @@ def run(args) -> dict:
                     if "ref_compile" in base:
                         row["speedup_vs_ref_compile"] = base["ref_compile"] / row["median_ms"]
                 print(f"{mode:7s} {dname} B={B:4d} " + "  ".join(
-                    f"{r['variant']}={r['median_ms']:.3f}ms" + (f" ({r['speedup_vs_ref']:.1f}x)" if "speedup_vs_ref" in r
-                                                             else "")
+                    f"{r['variant']}={r['median_ms']:.3f}ms"
+                    + (f" ({r['speedup_vs_ref']:.1f}x)" if "speedup_vs_ref" in r else "")
                     + (f" cpu={r['cpu_time_ms']:.1f}ms ({r['cpu_time_speedup_vs_ref']:.1f}x)"
                        if "cpu_time_speedup_vs_ref" in r else "") for r in rows[-len(run_names):]))
     payload = {"op": "icm", "env": environment(device), "shape": [None, 512, args.size, args.size],
