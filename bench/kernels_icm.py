@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -41,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "CUDA, 1,8 on CPU)")
     parser.add_argument("--dtype", default="fp32,bf16")
     parser.add_argument("--mode", default="fwd,fwdbwd")
-    parser.add_argument("--variants", default=None, help="subset of ref,ref_compile,torch,triton (default: all "
-                                                         "on CUDA; ref,torch on CPU)")
+    parser.add_argument("--variants", default=None, help="subset of ref,ref_compile,torch,triton,triton_graph "
+                                                         "(default: all on CUDA; ref,torch on CPU). triton_graph: "
+                                                         "the Triton forward replayed from a CUDA graph (fwd only)")
     parser.add_argument("--size", type=int, default=7, help="spatial size h = w of x_id")
     parser.add_argument("--age-group", type=int, default=7)
     parser.add_argument("--sigma", type=float, default=0.1)
@@ -50,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--train-steps", type=int, default=20, help="bn_stats comparison steps (0: skip)")
     parser.add_argument("--train-batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU runs)")
 
 
 def _randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -95,6 +99,44 @@ def _step_fn(fn, x, g, w, mode, dtype, device, params):
     return run
 
 
+def _cpu_time(fn, warmup: int, iters: int) -> float:
+    """Median process CPU time per call in ms (robust to other processes sharing the cores)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.process_time()
+        fn()
+        times.append((time.process_time() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _graphed(fast, x, g, dtype, device):
+    """Replay of the Triton eval forward captured in a CUDA graph (static x and g)."""
+    amp = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
+
+    def call():
+        with use_backend("triton"), torch.no_grad(), amp:
+            return fast.icm(x, g)
+
+    call()  # autotune and fill the parameter caches outside the capture
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            call()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    holder = {"graph": graph, "out": out}
+
+    def replay():
+        holder["graph"].replay()
+        return holder["out"]
+    return replay
+
+
 def _max_rel(a, b):
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
@@ -137,7 +179,7 @@ def _train_comparison(args, device):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         fast.eval()
         with torch.no_grad():
             eval_loss = float(torch.nn.functional.mse_loss(fast.icm(x, g), target))
@@ -159,9 +201,11 @@ def run(args) -> dict:
     batches = [int(b) for b in (args.batch or ("1,8,64,256" if cuda else "1,8")).split(",")]
     args.dtypes = [d for d in args.dtype.split(",") if d]
     modes = [m for m in args.mode.split(",") if m]
-    names = (args.variants or ("ref,ref_compile,torch,triton" if cuda else "ref,torch")).split(",")
+    names = (args.variants or ("ref,ref_compile,torch,triton,triton_graph" if cuda else "ref,torch")).split(",")
     iters = args.iters or (50 if cuda else 5)
     warmup = args.warmup or (10 if cuda else 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
     ref, fast = _modules(args, device)
@@ -172,7 +216,7 @@ def run(args) -> dict:
             return ref.icm
         if name == "ref_compile":
             return compiled[mode]
-        backend = backends[name]
+        backend = backends["triton" if name == "triton_graph" else name]
 
         def fn(x, g):
             with use_backend(backend):
@@ -181,7 +225,8 @@ def run(args) -> dict:
 
     compiled = {m: torch.compile(ref.icm) for m in modes} if "ref_compile" in names else {}
     ref.eval(), fast.eval()
-    check = _check_outputs({n: variant(n, "fwd") for n in names}, ref, args, device, min(16, max(batches)))
+    check = _check_outputs({n: variant(n, "fwd") for n in names if n != "triton_graph"}, ref, args, device,
+                           min(16, max(batches)))
     print("max relative error vs reference (eval):", {k: f"{v:.2e}" for k, v in check.items()})
 
     rows = []
@@ -194,22 +239,33 @@ def run(args) -> dict:
                 g = torch.randperm(B, device=device) % args.age_group
                 w = torch.randn(B, 512, args.size, args.size, device=device)
                 base = {}
-                for name in names:
-                    mod = fast if name in backends else ref
-                    fn = _step_fn(variant(name, mode), x, g, w, mode, dt, device, list(mod.parameters()))
+                run_names = [n for n in names if n != "triton_graph" or (mode == "fwd" and cuda)]
+                for name in run_names:
+                    mod = fast if name in backends or name == "triton_graph" else ref
+                    if name == "triton_graph":
+                        fn = _graphed(fast, x, g, dt, device)
+                    else:
+                        fn = _step_fn(variant(name, mode), x, g, w, mode, dt, device, list(mod.parameters()))
                     t = time_fn(fn, device, warmup=warmup, iters=iters)
                     row = dict(variant=name, mode=mode, dtype=dname, batch=B, **t,
                                images_per_s=B / (t["median_ms"] / 1e3))
+                    if not cuda:
+                        row["cpu_time_ms"] = _cpu_time(fn, 1, iters)
                     base[name] = t["median_ms"]
                     rows.append(row)
-                for row in rows[-len(names):]:
+                for row in rows[-len(run_names):]:
+                    if "cpu_time_ms" in row and "ref" in run_names:
+                        ref_row = rows[-len(run_names) + run_names.index("ref")]
+                        row["cpu_time_speedup_vs_ref"] = ref_row["cpu_time_ms"] / row["cpu_time_ms"]
                     if "ref" in base:
                         row["speedup_vs_ref"] = base["ref"] / row["median_ms"]
                     if "ref_compile" in base:
                         row["speedup_vs_ref_compile"] = base["ref_compile"] / row["median_ms"]
                 print(f"{mode:7s} {dname} B={B:4d} " + "  ".join(
-                    f"{r['variant']}={r['median_ms']:.3f}ms" + (f" ({r['speedup_vs_ref']:.1f}x)" if "speedup_vs_ref" in r
-                                                             else "") for r in rows[-len(names):]))
+                    f"{r['variant']}={r['median_ms']:.3f}ms"
+                    + (f" ({r['speedup_vs_ref']:.1f}x)" if "speedup_vs_ref" in r else "")
+                    + (f" cpu={r['cpu_time_ms']:.1f}ms ({r['cpu_time_speedup_vs_ref']:.1f}x)"
+                       if "cpu_time_speedup_vs_ref" in r else "") for r in rows[-len(run_names):]))
     payload = {"op": "icm", "env": environment(device), "shape": [None, 512, args.size, args.size],
                "age_group": args.age_group, "sigma": args.sigma, "unit_count": 128, "repeat_num": 4,
                "max_rel_err_eval": check, "rows": rows}

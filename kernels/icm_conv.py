@@ -63,21 +63,33 @@ def _icm_conv_fwd_kernel(
     y_ptr,           # (B, N_OUT, H, W) contiguous output
     offsets_ptr,     # (G + 1,) int32 first sorted sample of each group
     starts_ptr,      # (G,) int32 first channel of each group's window
-    tile_group_ptr,  # (T,) int32 group of each row tile (G: unused tile)
-    tile_row_ptr,    # (T,) int32 first row (sample * H * W + pixel) of each row tile
     G, CIN, N_OUT, H, W, w_off,
     sxb, sxc, sxh, sxw, swo, swi, swh, sww, neg_slope,
     IN_WIN: tl.constexpr, OUT_WIN: tl.constexpr, KS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    g = tl.load(tile_group_ptr + pid_t)
+    HW = H * W
+    # Row tile -> (group, first row): each group's rows are cut into BLOCK_M tiles, groups in order; the
+    # grid has cdiv(B * HW, BLOCK_M) + G tiles, the unused ones find no group (g == G) and exit.
+    zero = tl.zeros([], dtype=tl.int32)  # loop-carried scalars start as int32 tensors
+    g = zero + G
+    row0 = zero
+    row_end = zero
+    tile0 = zero
+    for gg in range(0, G):
+        lo = tl.load(offsets_ptr + gg) * HW
+        hi = tl.load(offsets_ptr + gg + 1) * HW
+        nt = (hi - lo + BLOCK_M - 1) // BLOCK_M
+        inside = (pid_t >= tile0) & (pid_t < tile0 + nt)
+        g = tl.where(inside, gg, g)
+        row0 = tl.where(inside, lo + (pid_t - tile0) * BLOCK_M, row0)
+        row_end = tl.where(inside, hi, row_end)
+        tile0 += nt
     if g < G:
-        HW = H * W
-        row0 = tl.load(tile_row_ptr + pid_t)
-        row_end = tl.load(offsets_ptr + g + 1) * HW
         s = tl.load(starts_ptr + g)
         rows = row0 + tl.arange(0, BLOCK_M)
         m_ok = rows < row_end
@@ -109,6 +121,8 @@ def _icm_conv_fwd_kernel(
                     a = tl.load(x_row[:, None] + k[None, :] * sxc, mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
                     wt = tl.load(w_tap[None, :] + (ci0 + k)[:, None] * swi, mask=k_ok[:, None] & n_ok[None, :],
                                  other=0.0)
+                    if DOT_F32:
+                        a, wt = a.to(tl.float32), wt.to(tl.float32)
                     acc += tl.dot(a, wt, input_precision=DOT_PREC)
         # Epilogue in fp32: folded BN / bias, residual, activation; one rounding to the output dtype.
         if HAS_SCALE:
@@ -136,7 +150,7 @@ def _icm_conv_wgrad_kernel(
     starts_ptr,   # (G,) int32 first channel of each group's window
     G, CIN, N_OUT, C_OUT_FULL, C_IN_FULL, H, W,
     sxb, sxc, sxh, sxw,
-    IN_WIN: tl.constexpr, OUT_WIN: tl.constexpr, KS: tl.constexpr, DOT_PREC: tl.constexpr,
+    IN_WIN: tl.constexpr, OUT_WIN: tl.constexpr, KS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_o = tl.program_id(0)
@@ -179,6 +193,8 @@ def _icm_conv_wgrad_kernel(
                              mask=m_ok[:, None] & n_ok[None, :], other=0.0)
                 xa = tl.load(x_ptr + (b * sxb + ih * sxh + iw * sxw)[:, None] + k[None, :] * sxc,
                              mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+                if DOT_F32:
+                    dy, xa = dy.to(tl.float32), xa.to(tl.float32)
                 acc += tl.dot(tl.trans(dy), xa, input_precision=DOT_PREC)
     ok = (co < C_OUT_FULL)[:, None] & (ci < C_IN_FULL)[None, :]
     tl.store(dw_ptr + (co[:, None] * C_IN_FULL + ci[None, :]) * (KS * KS) + tap, acc, mask=ok)
@@ -205,6 +221,12 @@ def _use_kernels(x: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _dot_f32(x: torch.Tensor) -> bool:
+    """bf16/fp16 tiles are multiplied as fp32 in the Triton interpreter, whose low-precision ``tl.dot`` is
+    wrong (triton 3.9); on GPUs they go to the tensor cores as they are."""
+    return not x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def _dot_precision(x: torch.Tensor) -> str:
     """fp32 products follow PyTorch's convolution setting: TF32 on CUDA when ``cudnn.allow_tf32`` (its
     default, what the reference's convolutions use), IEEE fp32 otherwise. bf16/fp16 ignore it."""
@@ -215,25 +237,6 @@ def _dot_precision(x: torch.Tensor) -> str:
 
 def _block_m(rows_per_group: float) -> int:
     return 32 if rows_per_group < 256 else 64
-
-
-def row_tiles(offsets: torch.Tensor, batch: int, hw: int, block_m: int):
-    """(tile_group, tile_row) for a grid of ``cdiv(batch * hw, block_m) + G`` row tiles, on device.
-
-    Each group's rows ``[offsets[g] * hw, offsets[g + 1] * hw)`` are cut into ``block_m``-row tiles;
-    unused trailing tiles get group G. Computed with tensor ops (no host synchronization).
-    """
-    G = offsets.numel() - 1
-    off = offsets.long()
-    counts = off[1:] - off[:-1]
-    tiles = (counts * hw + block_m - 1) // block_m
-    cum = torch.cumsum(tiles, 0)
-    T = (batch * hw + block_m - 1) // block_m + G
-    t = torch.arange(T, device=offsets.device)
-    grp = torch.searchsorted(cum, t, right=True)
-    gc = grp.clamp(max=G - 1)
-    row0 = off[gc] * hw + (t - (cum - tiles)[gc]) * block_m
-    return grp.to(torch.int32), row0.to(torch.int32)
 
 
 def _check(x, weight, offsets, starts, unit, in_win, out_win):
@@ -269,17 +272,18 @@ def _launch_conv(x, weight, offsets, starts, unit, in_win, out_win, n_out, *, sc
         w_off = (ks - 1) * (swh + sww)
         swh, sww = -swh, -sww
     bm = _block_m(B * H * W / max(G, 1))
-    tile_group, tile_row = row_tiles(offsets, B, H * W, bm)
     dummy = y
     res = residual.contiguous() if residual is not None else None
-    grid = lambda meta: (tile_group.numel(), triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
+    n_tiles = triton.cdiv(B * H * W, bm) + G
+    grid = lambda meta: (n_tiles, triton.cdiv(n_out, meta["BLOCK_N"]))  # noqa: E731
     wrap_triton(_icm_conv_fwd_kernel)[grid](
         x, w, scale if scale is not None else dummy, shift if shift is not None else dummy,
         res if res is not None else dummy, slope if slope is not None else dummy, y,
-        offsets, starts, tile_group, tile_row,
+        offsets, starts,
         G, cin, n_out, H, W, w_off, *x.stride(), swo, swi, swh, sww, float(neg_slope),
         IN_WIN=bool(in_win), OUT_WIN=bool(out_win), KS=ks, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, HAS_RES=res is not None, ACT=int(act), DOT_PREC=_dot_precision(x),
+        DOT_F32=_dot_f32(x),
         BLOCK_M=bm)
     return y
 
@@ -430,7 +434,7 @@ def icm_conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     grid = lambda meta: (triton.cdiv(c_out, meta["BLOCK_N"]), triton.cdiv(c_in, meta["BLOCK_K"]), ks * ks)  # noqa
     wrap_triton(_icm_conv_wgrad_kernel)[grid](
         dy, x, dw, offsets, starts, starts.numel(), cin, dy.size(1), c_out, c_in, H, W, *x.stride(),
-        IN_WIN=bool(in_win), OUT_WIN=bool(out_win), KS=ks, DOT_PREC=_dot_precision(x))
+        IN_WIN=bool(in_win), OUT_WIN=bool(out_win), KS=ks, DOT_PREC=_dot_precision(x), DOT_F32=_dot_f32(x))
     return dw.to(weight.dtype)
 
 

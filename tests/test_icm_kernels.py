@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mtlface_fast import use_backend
@@ -149,11 +148,15 @@ def test_full_size_train_step_matches_reference():
     _buffers_match(fast, ref)
 
 
-def test_torch_eval_cache_follows_parameter_changes():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_eval_cache_follows_parameter_changes(backend, ieee_fp32):
+    if backend == "triton" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") != "0"):
+        pytest.skip("needs CUDA or the Triton interpreter (TRITON_INTERPRET=1)")
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     ref, fast = _pair("cvpr", 4, 0.25, unit=8, cin=12, repeat=1, seed=11)
-    ref.eval(), fast.eval()
-    x, g = torch.randn(3, 12, 3, 3), torch.tensor([1, 3, 1])
-    with use_backend("torch"), torch.no_grad():
+    ref, fast = ref.to(dev).eval(), fast.to(dev).eval()
+    x, g = torch.randn(3, 12, 3, 3, device=dev), torch.tensor([1, 3, 1], device=dev)
+    with use_backend(backend), torch.no_grad():
         assert_close(fast.icm(x, g), ref.icm(x, g), name="first call")
         for m in (ref, fast):
             m.transform[0].conv1[1].running_var.mul_(3.0)
@@ -448,3 +451,41 @@ def test_compiles_without_graph_breaks():
     compiled = torch.compile(fast.icm, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         assert_close(compiled(x, g), ref.icm(x, g), name="compiled icm")
+
+
+@triton_only
+@pytest.mark.parametrize("train", [False, True])
+def test_triton_module_bf16_autocast(train):
+    ref, fast = _pair("cvpr", 4, 0.25, unit=16, cin=16, repeat=1, seed=13)
+    ref, fast = ref.to(DEV).train(train), fast.to(DEV).train(train)
+    x, g = torch.randn(5, 16, 3, 3, device=DEV), torch.tensor([2, 0, 2, 3, 0], device=DEV)
+    with torch.no_grad():
+        expected = copy.deepcopy(ref).icm(x, g)
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            ref16 = copy.deepcopy(ref).icm(x, g)
+            with use_backend("triton"):
+                got = fast.icm(x, g)
+    assert got.dtype == torch.bfloat16
+    assert_close(got.float(), expected, torch.bfloat16, name="bf16 icm",
+                 rtol=max(2e-2, 2 * max_rel_err(ref16.float(), expected)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_triton_eval_is_cuda_graph_capturable(ieee_fp32):
+    ref, fast = _pair("cvpr", 7, 0.1, unit=16, cin=32, repeat=2, seed=14)
+    ref, fast = ref.cuda().eval(), fast.cuda().eval()
+    x, g = torch.randn(9, 32, 7, 7, device="cuda"), torch.tensor([6, 0, 3, 3, 1, 5, 2, 4, 0], device="cuda")
+    with use_backend("triton"), torch.no_grad():
+        fast.icm(x, g)  # autotune and parameter caches outside the capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fast.icm(x, g)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fast.icm(x, g)
+        x.copy_(torch.randn_like(x))
+        g.copy_(torch.tensor([1, 1, 1, 2, 6, 6, 0, 3, 5], device="cuda"))
+        graph.replay()
+        assert_close(out, ref.icm(x, g), name="graph replay")

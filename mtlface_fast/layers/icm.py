@@ -66,7 +66,8 @@ def check_icm_inputs(module: ICMBase, x_id: torch.Tensor, condition: torch.Tenso
         raise ValueError(f"condition must have shape ({x_id.size(0)},) (one group per sample), "
                          f"got {tuple(condition.shape)}")
     groups = condition.to(device=x_id.device, dtype=torch.long)
-    if not torch.compiler.is_compiling() and groups.numel() > 0:
+    capturing = x_id.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not torch.compiler.is_compiling() and not capturing and groups.numel() > 0:
         lo, hi = int(groups.min()), int(groups.max())
         if lo < 0 or hi >= module.age_group:
             raise ValueError(f"condition values must be age groups in [0, {module.age_group}), "
@@ -267,20 +268,22 @@ def _group_params(module: ICMBase, windows: Sequence[slice], dtype: torch.dtype)
     return params
 
 
-class _EvalCache:
-    """Folded per-group parameters of every window, rebuilt when a parameter or statistic changes."""
+def _all_group_params(module: ICMBase, dtype: torch.dtype):
+    return _group_params(module, [slice(s, s + module.unit_count) for s in module.starts], dtype)
 
-    def __init__(self):
-        self.key, self.params = None, None
+
+class _EvalCache:
+    """Folded inference parameters of a module, rebuilt when a parameter or statistic changes."""
+
+    def __init__(self, build=_all_group_params):
+        self.build, self.key, self.params = build, None, None
 
     def get(self, module: ICMBase, dtype: torch.dtype):
-        key = (dtype,) + tuple((t.data_ptr(), t._version) for t in
+        key = (dtype,) + tuple((t.data_ptr(), t._version, t.device) for t in
                                list(module.parameters()) + list(module.buffers()))
         if key != self.key:
-            U = module.unit_count
-            windows = [slice(s, s + U) for s in module.starts]
             with torch.no_grad():
-                self.params = _group_params(module, windows, dtype)
+                self.params = self.build(module, dtype)
             self.key = key
         return self.params
 
@@ -301,8 +304,8 @@ def _compact_icm_grouped(module: ICMBase, x_sorted: torch.Tensor, segs, windows)
     else:
         cache = module.__dict__.setdefault("_icm_eval_cache", _EvalCache())
         params = cache.get(module, dtype)
-        if P < module.age_group:  # keep the present groups' blocks
-            present = [g for g, _, _ in segs]
+        present = [g for g, _, _ in segs]
+        if present != list(range(module.age_group)):  # the blocks of the slots' groups, in slot order
             params = [_select_groups(p, present, module.age_group) for p in params]
     slot = torch.zeros(n_max, P, dtype=torch.long, device=dev)
     valid = torch.zeros(n_max, P, dtype=torch.bool, device=dev)
@@ -361,6 +364,11 @@ def compact_icm_torch(module: ICMBase, x_id: torch.Tensor, groups: torch.Tensor,
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     if not any(_uses_batch_stats(m) or (isinstance(m, nn.InstanceNorm2d) and m.affine) for m in module.modules()):
+        n_max, B = max(n for _, _, n in segs), x_id.size(0)
+        if n_max * len(segs) > 1.25 * B and B <= 12:
+            # Unbalanced small batch: one slot per sample (weights gathered per sample) beats zero padding.
+            segs = [(g, off + i, 1) for g, off, n in segs for i in range(n)]
+            windows = [slice(module.starts[g], module.starts[g] + U) for g, _, _ in segs]
         return _compact_icm_grouped(module, xs_sorted, segs, windows).index_select(0, inverse)
     xs = [xs_sorted[off:off + n] for _, off, n in segs]
 
@@ -401,7 +409,7 @@ def compact_icm_triton(module: ICMBase, x_id: torch.Tensor, groups: torch.Tensor
     order = torch.argsort(groups, stable=True)
     counts = (groups[:, None] == torch.arange(G, device=dev)).sum(0)  # static (G,) shape, unlike bincount
     offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32)
-    starts = torch.tensor(module.starts, dtype=torch.int32, device=dev)
+    starts = _starts_tensor(module, dev)
     B = x_id.size(0)
     idx = starts.long()[groups.index_select(0, order)][:, None] + torch.arange(U, device=dev)  # (B, U)
     dtype = _autocast_dtype(x_id)
@@ -420,18 +428,28 @@ def compact_icm_triton(module: ICMBase, x_id: torch.Tensor, groups: torch.Tensor
         raise TypeError(f"unsupported ICM activation {type(act).__name__}")
 
     wants_grad = torch.is_grad_enabled() and (x_id.requires_grad or any(p.requires_grad for p in module.parameters()))
-    fused = (not wants_grad and module.icm_variant == "cvpr" and not _uses_batch_stats(module.conv1[1]))
+    fused = (not wants_grad and module.icm_variant == "cvpr"
+             and not any(_uses_batch_stats(m) for m in module.modules())
+             and all(isinstance(a, nn.PReLU) and isinstance(n, nn.modules.batchnorm._BatchNorm)
+                     for _, n, a, _, _, _ in _layers(module)))
+
+    if fused:
+        # Inference: one fused kernel per layer; folded parameters cached on the module.
+        if torch.compiler.is_compiling() or (x_id.is_cuda and torch.cuda.is_current_stream_capturing()
+                                              and "_icm_fused_cache" not in module.__dict__):
+            params = _fused_params(module, dtype)
+        else:
+            params = module.__dict__.setdefault("_icm_fused_cache", _EvalCache(_fused_params)).get(module, dtype)
+        h = block_in = x
+        for (conv, _, _, in_win, out_win, takes_res), (w, scale, shift, slope) in zip(_layers(module), params):
+            if in_win and out_win and not takes_res:
+                block_in = h
+            h = K.icm_conv_fused(h, w, scale, shift, block_in if takes_res else None, slope, offsets, starts, U,
+                                 in_win, out_win, K.ACT_PRELU, 0.0)
+        return h.index_select(0, torch.argsort(order))
 
     def layer(h, conv, norm, act, in_win, out_win, residual=None):
         W, b = conv.weight, conv.bias
-        if fused and isinstance(norm, nn.modules.batchnorm._BatchNorm) and isinstance(act, nn.PReLU):
-            scale = norm.weight.float() * torch.rsqrt(norm.running_var.float() + norm.eps)
-            shift = norm.bias.float() - norm.running_mean.float() * scale
-            if b is not None:
-                shift = shift + b.float() * scale
-            slope = act.weight.float().expand(W.size(0))
-            return K.icm_conv_fused(h, W, scale, shift, residual, slope, offsets, starts, U, in_win, out_win,
-                                    K.ACT_PRELU, 0.0)
         if _uses_batch_stats(norm) and (bn_stats == "reference" or not out_win):
             # Exact reference statistics: the full-width pre-mask output, then the window.
             if in_win:
@@ -468,6 +486,27 @@ def compact_icm_triton(module: ICMBase, x_id: torch.Tensor, groups: torch.Tensor
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(B, device=dev)
     return out.index_select(0, inverse)
+
+
+def _starts_tensor(module: ICMBase, device: torch.device) -> torch.Tensor:
+    """The (G,) int32 window starts on ``device``, made once per device (no copy per call)."""
+    cache = module.__dict__.setdefault("_icm_starts", {})
+    if device not in cache:
+        cache[device] = torch.tensor(module.starts, dtype=torch.int32, device=device)
+    return cache[device]
+
+
+def _fused_params(module: ICMBase, dtype: torch.dtype):
+    """Per layer (weight in ``dtype``, fp32 scale, fp32 shift, fp32 slopes): eval BN and bias folded."""
+    out = []
+    for conv, norm, act, _, _, _ in _layers(module):
+        scale = norm.weight.float() * torch.rsqrt(norm.running_var.float() + norm.eps)
+        shift = norm.bias.float() - norm.running_mean.float() * scale
+        if conv.bias is not None:
+            shift = shift + conv.bias.float() * scale
+        slope = act.weight.float().expand(conv.out_channels).contiguous()
+        out.append((conv.weight.to(dtype).contiguous(), scale, shift, slope))
+    return out
 
 
 def _eval_batch_norm_windows(bn, y, per_sample, win):
