@@ -3,7 +3,8 @@
 # every op, the per-op benchmarks and the whole-model throughput targets.
 #
 #   bench/run_gpu.sh [results_dir]            (default bench/results; JSON + PNG land there)
-#   STAGES="tests kernels" bench/run_gpu.sh   (a subset of: env tests sanitize kernels throughput)
+#   STAGES="tests kernels" bench/run_gpu.sh   (a subset of: env tests smoke sanitize kernels throughput)
+#   QUICK=1 bench/run_gpu.sh                  (the target shapes only, bf16, fewer iterations)
 #
 # Needs a CUDA GPU, torch and triton; runs from a checkout (no install needed).
 set -uo pipefail
@@ -12,6 +13,7 @@ RES=$(mkdir -p "${1:-bench/results}" && cd "${1:-bench/results}" && pwd)
 export MTLFACE_FAST_RESULTS_DIR=$RES PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 STAGES=${STAGES:-"env tests sanitize kernels throughput"}
+QUICK=${QUICK:-0}
 status=0
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 run() { "$@" || { echo "FAILED ($?): $*"; status=1; }; }
@@ -26,9 +28,14 @@ fi
 
 if has tests; then
   step "kernel and model tests on CUDA"
-  tests=$(ls tests/test_afd_kernels.py tests/test_icm_kernels.py tests/test_fast_model.py \
-          tests/test_tpami_fast.py tests/test_eval_pipeline.py 2>/dev/null)
-  run timeout 900 "$PY" -m pytest -q -x -p no:cacheprovider $tests
+  tests=$(ls tests/test_afd_kernels.py tests/test_icm_kernels.py tests/test_tpami_kernels.py \
+          tests/test_fast_model.py tests/test_eval_pipeline.py 2>/dev/null)
+  run timeout ${TESTS_TIMEOUT:-900} "$PY" -m pytest -q -p no:cacheprovider -rfs $tests
+fi
+
+if has smoke; then
+  step "every op at full size on CUDA against the reference"
+  run timeout 300 "$PY" bench/gpu_smoke.py
 fi
 
 if has sanitize; then
@@ -44,14 +51,25 @@ fi
 
 if has kernels; then
   step "per-op benchmarks"
-  run "$PY" bench/kernels.py --op afd --device cuda
-  run "$PY" bench/kernels.py --op icm --device cuda
-  run "$PY" bench/kernels.py --op trunk --device cuda --batch 256
+  if [ "$QUICK" = 1 ]; then
+    run "$PY" bench/kernels.py --op afd --device cuda --batch 256,1024 --dtype bf16 --iters 10
+    run "$PY" bench/kernels.py --op icm --device cuda --batch 64 --dtype bf16 --train-steps 0 --iters 10
+  else
+    run "$PY" bench/kernels.py --op afd --device cuda
+    run "$PY" bench/kernels.py --op icm --device cuda
+    run "$PY" bench/kernels.py --op trunk --device cuda --batch 256
+    run "$PY" bench/kernels.py --op stylegan2 --device cuda --dtype bf16
+  fi
 fi
 
 if has throughput; then
   step "whole-model throughput (bf16)"
   T="$PY bench/throughput.py --device cuda --dtype bf16 --warmup 3 --iters 10"
+  if [ "$QUICK" = 1 ]; then
+    run $T --tasks encode --batch 256 --variants reference,reference_autocast,ours
+    run $T --tasks synthesize --batch 64 --variants reference,reference_autocast,ours
+    exit $status
+  fi
   run $T --tasks encode --batch 256 --variants reference,reference_autocast,reference_compile,ours,ours_compile
   run $T --tasks synthesize --batch 64 --variants reference,reference_autocast,reference_compile,ours,ours_compile
   run $T --tasks synthesize_all --batch 64 --variants reference,reference_x7,ours
