@@ -28,7 +28,24 @@ def _fmt(v) -> str:
     return str(v).replace("|", "/")
 
 
+KEEP_LEAVES = ("median_ms", "GBps", "fraction_of_clone_GBps")
+
+
+def flatten(row: Dict, prefix: str = "") -> Dict:
+    """Nested per-variant stats become ``forward.fused.median_ms``-style columns (medians, bandwidths and
+    speed-ups only; quantiles stay in the JSON)."""
+    out: Dict = {}
+    for k, v in row.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif not prefix or k in KEEP_LEAVES or "speedup" in key:
+            out[key] = v
+    return out
+
+
 def table(rows: List[Dict]) -> str:
+    rows = [flatten(r) for r in rows]
     cols: List[str] = []
     for r in rows:
         for k in r:
@@ -44,15 +61,17 @@ def table(rows: List[Dict]) -> str:
 def section(path: str) -> str:
     with open(path) as fh:
         data = json.load(fh)
-    env, settings = data.get("env", {}), data.get("settings", {})
-    title = f"### {data.get('benchmark', '?')} — {env.get('device', '?')}"
+    env = data.get("env") or data.get("environment") or {}
+    settings = data.get("settings") or {k: v for k, v in data.items()
+                                         if not isinstance(v, (dict, list)) or k in ("shape",)}
+    title = f"### {data.get('benchmark') or 'kernels-' + str(data.get('op', '?'))} — {env.get('device', '?')}"
     if settings.get("dtype"):
         title += f", {settings['dtype']}"
     meta = (f"`{os.path.relpath(path, HERE)}` · torch {env.get('torch', '?')} · triton {env.get('triton', '?')}"
             f" · commit {env.get('git_commit', '?')}")
     if settings:
         meta += " · settings: " + ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(settings.items()))
-    return f"{title}\n\n{meta}\n\n{table(data.get('results', []))}\n"
+    return f"{title}\n\n{meta}\n\n{table(data.get('results') or data.get('rows') or [])}\n"
 
 
 def render(results_dir: str) -> str:
