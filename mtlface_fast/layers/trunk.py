@@ -63,7 +63,7 @@ class FastBottleneckIR(BottleneckIR):
     def __init__(self, in_channel: int, depth: int, stride: int, se: bool = False):
         super().__init__(in_channel, depth, stride, se)
         self.stride = stride
-        self._fold = FoldCache()
+        self._folds: Dict[Tuple[torch.dtype, torch.dtype], FoldCache] = {}
 
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.shortcut_layer, nn.MaxPool2d):
@@ -83,18 +83,21 @@ class FastBottleneckIR(BottleneckIR):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             return self.res_layer(x) + self._shortcut(x)
-        p = self._fold.get(self, self._build)
         dt = x.dtype if not torch.is_autocast_enabled(x.device.type) else \
             torch.get_autocast_dtype(x.device.type)
+        # Folded operands already cast to the input dtype (affine) and the convolution dtype (weights):
+        # one cache per dtype pair, so autocast runs no weight casts per call.
+        cache = self._folds.setdefault((x.dtype, dt), FoldCache())
+        p = cache.get(self, lambda: {k: v.to(x.dtype if k in ("s0", "t0") else dt) for k, v in self._build().items()})
         r = self.res_layer
-        y = x * p["s0"].to(x.dtype).view(1, -1, 1, 1) + p["t0"].to(x.dtype).view(1, -1, 1, 1)
-        y = F.conv2d(y, p["w1"].to(dt), p["b1"].to(dt), 1, 1)
+        y = x * p["s0"].view(1, -1, 1, 1) + p["t0"].view(1, -1, 1, 1)
+        y = F.conv2d(y, p["w1"], p["b1"], 1, 1)
         y = r[3](y)
-        y = F.conv2d(y, p["w2"].to(dt), p["b2"].to(dt), self.stride, 1)
+        y = F.conv2d(y, p["w2"], p["b2"], self.stride, 1)
         if len(r) > 6:
             y = r[6](y)
         if "ws" in p:
-            sc = F.conv2d(x, p["ws"].to(dt), p["bs"].to(dt), self.stride)
+            sc = F.conv2d(x, p["ws"], p["bs"], self.stride)
         else:
             sc = self._shortcut(x)
         return y + sc
