@@ -40,6 +40,24 @@ def _add_bench(sub):
     p.set_defaults(func=run)
 
 
+def _add_train(sub):
+    from .train.config import add_arguments
+    p = sub.add_parser("train", help="train MTLFace: aifr | fas | joint | finetune (see docs/TRAINING.md)",
+                       description="Train the fast MTLFace with an official recipe. Options come from the recipe's "
+                                   "defaults, then --config FILE (YAML/JSON), then these flags. Multi-GPU: "
+                                   "torchrun --nproc_per_node N -m mtlface_fast train ...")
+    add_arguments(p)
+
+    def run(args):
+        from .train import train
+        from .train.config import config_from_args
+        result = train(config_from_args(args))
+        print(f"trained {result['step']} steps -> {result['output']}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtlface-fast", description="Fast MTLFace: age-invariant face "
                                      "recognition and face age synthesis.")
@@ -49,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_demo(sub)
     _add_bench(sub)
+    _add_train(sub)
     return parser
 
 
