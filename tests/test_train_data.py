@@ -2,7 +2,6 @@
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -128,3 +127,13 @@ def test_config_file_and_flags(tmp_path):
         config_from_args(parser.parse_args(["fas", "--data", "x", "--lr", "0.1"]))
     with pytest.raises(ValueError, match="a list file is required"):
         make_config("aifr")
+
+
+def test_cli_train_reports_bad_input(tmp_path, capsys):
+    from mtlface_fast.cli import main
+    assert main(["train", "aifr", "--data", str(tmp_path / "none.txt")]) == 2
+    assert "list file not found" in capsys.readouterr().err
+    assert main(["train", "fas", "--data", "x.txt", "--lr", "0.1"]) == 2
+    assert "--lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "nosuchrecipe"])

@@ -12,8 +12,8 @@ import dataclasses
 import json
 import os
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Type
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple, Type
 
 from ..reference.backbone import BACKBONE_UNITS
 from ..reference.heads import AGE_GROUP_THRESHOLDS
@@ -66,7 +66,8 @@ class TrainConfig:
             if not cond:
                 raise ValueError(msg)
         need(isinstance(self.data, str) and self.data, "data: a list file is required (--data FILE)")
-        need(self.backbone in BACKBONE_UNITS, f"backbone must be one of {sorted(BACKBONE_UNITS)}, got {self.backbone!r}")
+        need(self.backbone in BACKBONE_UNITS,
+             f"backbone must be one of {sorted(BACKBONE_UNITS)}, got {self.backbone!r}")
         need(self.age_group in AGE_GROUP_THRESHOLDS,
              f"age_group must be one of {sorted(AGE_GROUP_THRESHOLDS)}, got {self.age_group!r}")
         need(self.input_size >= 16 and self.input_size % 16 == 0,

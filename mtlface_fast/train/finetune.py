@@ -13,7 +13,6 @@ import os
 import sys
 from typing import List
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image

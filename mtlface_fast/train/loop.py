@@ -16,7 +16,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -176,7 +176,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if cfg.recipe == "finetune":
         from .finetune import build_synthetic_set
         synth_dir = cfg.synth_dir or os.path.join(cfg.output, "synthetic")
-        if main:
+        reuse = cfg.resume and os.path.isfile(os.path.join(synth_dir, "list.txt"))
+        if main and not reuse:  # a resumed run keeps the set it selected before
             build_synthetic_set(model, faces, cfg, device, synth_dir)
         if world > 1:
             dist.barrier()

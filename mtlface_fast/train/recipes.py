@@ -26,8 +26,7 @@ Both give every process the mean gradient of the global batch.
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -186,7 +185,8 @@ class AIFRRecipe:
         return dict(head=self.head, da_discriminator=self.da_discriminator)
 
     def state(self):
-        return dict(optimizers=dict(fr=self.optimizer), schedulers=dict(fr=self.scheduler), scalers=dict(fr=self.scaler))
+        return dict(optimizers=dict(fr=self.optimizer), schedulers=dict(fr=self.scheduler),
+                    scalers=dict(fr=self.scaler))
 
     def train_mode(self):
         self.net.train()
