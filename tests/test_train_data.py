@@ -67,7 +67,7 @@ def test_corrupt_image_skipped_with_count(tmp_path, synth, capsys):
     ds = FaceDataset(faces, 32, 7, flip=False)
     item = ds[(4, 0)]
     assert item["skipped"] == 1 and item["label"] == int(faces.labels[0])  # replaced by the next decodable row
-    assert "corrupt image" in capsys.readouterr().err and str(broken) in ds._reported
+    assert f"{path}:5: corrupt image {broken}" in capsys.readouterr().err and str(broken) in ds._reported
     batch = collate([ds[(i, i)] for i in range(5)])
     assert int(batch["skipped"].sum()) == 1 and batch["image"].shape == (5, 3, 32, 32)
 

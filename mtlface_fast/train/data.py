@@ -36,6 +36,7 @@ class FaceList:
     genders: np.ndarray     # (N,) int64
     classes: List[str]      # raw identity of each class index
     skipped: List[str]      # "file:line: reason" of every rejected row
+    where: List[str]        # "file:line" of every kept row
 
     def __len__(self):
         return len(self.paths)
@@ -59,7 +60,7 @@ def read_list_file(path: str, root: Optional[str] = None, *, check_files: bool =
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data: list file not found: {path}")
     root = os.fspath(root) if root else os.path.dirname(os.path.abspath(path))
-    paths, ids, ages, genders, skipped = [], [], [], [], []
+    paths, ids, ages, genders, skipped, rows = [], [], [], [], [], []
     with open(path, encoding="utf-8", errors="replace") as fh:
         for lineno, line in enumerate(fh, 1):
             parts = line.split()
@@ -89,6 +90,7 @@ def read_list_file(path: str, root: Optional[str] = None, *, check_files: bool =
                 skipped.append(f"{where}: image not found: {full}")
                 continue
             paths.append(full)
+            rows.append(where)
             ids.append(ident)
             ages.append(age)
             genders.append(gender)
@@ -103,7 +105,7 @@ def read_list_file(path: str, root: Optional[str] = None, *, check_files: bool =
         classes = sorted(set(ids))
     index = {c: i for i, c in enumerate(classes)}
     return FaceList(paths, np.asarray([index[i] for i in ids], dtype=np.int64), np.asarray(ages, dtype=np.float32),
-                    np.asarray(genders, dtype=np.int64), [str(c) for c in classes], skipped)
+                    np.asarray(genders, dtype=np.int64), [str(c) for c in classes], skipped, rows)
 
 
 def load_image(path: str, size: int, flip: bool) -> torch.Tensor:
@@ -159,8 +161,7 @@ class FaceDataset(Dataset):
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
                 if path not in self._reported:
                     self._reported.add(path)
-                    print(f"warning: skipped corrupt image {path} (list row {i + 1} of the parsed list): {exc}",
-                          file=sys.stderr)
+                    print(f"warning: skipped {self.faces.where[i]}: corrupt image {path}: {exc}", file=sys.stderr)
         raise ValueError("data: no image of the list can be decoded")
 
     def __getitem__(self, item):

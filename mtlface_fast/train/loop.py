@@ -295,4 +295,4 @@ def merge_lists(real: FaceList, synth: FaceList) -> FaceList:
     labels = np.asarray([index[synth.classes[i]] for i in synth.labels], dtype=np.int64)
     return FaceList(real.paths + synth.paths, np.concatenate([real.labels, labels]),
                     np.concatenate([real.ages, synth.ages]), np.concatenate([real.genders, synth.genders]),
-                    list(real.classes), real.skipped + synth.skipped)
+                    list(real.classes), real.skipped + synth.skipped, real.where + synth.where)
