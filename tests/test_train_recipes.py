@@ -92,8 +92,8 @@ def test_weight_decay_groups_and_schedule():
 def test_fast_and_reference_train_alike(data, tmp_path):
     runs = {}
     for ref in (False, True):
-        cfg = make_config("aifr", dict(TINY, data=data, output=str(tmp_path / str(ref)), batch_size=4, num_iter=3,
-                                       lr=1e-3, warmup_steps=0, reference=ref, save_every=1, keep_checkpoints=3))
+        cfg = make_config("aifr", dict(TINY, data=data, output=str(tmp_path / str(ref)), batch_size=4, num_iter=2,
+                                       lr=1e-3, warmup_steps=0, reference=ref, save_every=1, keep_checkpoints=2))
         runs[ref] = train(cfg)
     for a, b in zip(runs[False]["history"], runs[True]["history"]):
         for k in ("loss", "id_loss", "age_loss", "da_loss"):
@@ -139,16 +139,25 @@ def test_joint_steps(gan_init):
 
 def test_fas_trains_generator_only(data, gan_init, tmp_path):
     init = os.path.join(gan_init["output"], "last.pt")
-    # The adversarial term is not monotone over a few steps; with it off, the generator's supervised
-    # objective (land in the target group for the frozen estimator, keep x_id) must fall. The default
-    # weights run in the resume and DDP tests.
-    cfg = make_config("fas", dict(GAN, data=data, output=str(tmp_path), batch_size=2, num_iter=6, init=init,
-                                  sample_every=6, gan_weight=0.0, g_lr=1e-3))
-    res = train(cfg)
+    # The adversarial term is not monotone over a few steps, and random target groups make the age term
+    # noisy. Here the sources are one fixed batch whose faces are all in one age group (so every target
+    # is that group) and the adversarial term is off: the generator's supervised objective (the frozen
+    # estimator sees the target group, x_id is kept) must fall. The official weights run in the resume
+    # and DDP tests.
+    from mtlface_fast.reference.heads import age2group
+    rows = [line for line in open(data).read().split("\n") if line and age2group(float(line.split()[2]), 4) == 3]
+    root = os.path.dirname(data)
+    fixed = tmp_path / "old.txt"
+    fixed.write_text("".join(f"{r.split()[0]} {os.path.join(root, r.split()[1])} {r.split()[2]} 0\n" for r in rows[:2]))
+    cfg = make_config("fas", dict(GAN, data=str(fixed), output=str(tmp_path), batch_size=2, num_iter=6, init=init,
+                                  sample_every=6, gan_weight=0.0, flip=False))
+    with pytest.warns(UserWarning, match="have no image"):
+        res = train(cfg)
     hist = res["history"]
     for h in hist:
         assert all(math.isfinite(v) for v in h.values()), h
-    assert _mean([h["g_loss"] for h in hist[-2:]]) < _mean([h["g_loss"] for h in hist[:2]]), hist
+    losses = [h["g_loss"] for h in hist]
+    assert _mean(losses[-2:]) < _mean(losses[:2]), losses
     _, before = _params(init)
     ckpt, after = _params(tmp_path / "last.pt")
     changed = {k.split(".")[0] for k in after if after[k].is_floating_point() and not torch.equal(after[k], before[k])}
@@ -156,7 +165,7 @@ def test_fas_trains_generator_only(data, gan_init, tmp_path):
     assert set(ckpt["optimizers"]) == {"g", "d"} and "discriminator" in ckpt["modules"]
     from PIL import Image
     grid = Image.open(tmp_path / "samples" / "step_00000006.png")
-    assert grid.size == (48 * 5, 48 * 4)  # source + 4 groups, 4 faces
+    assert grid.size == (48 * 5, 48 * 2)  # source + 4 groups, for each of the 2 faces
 
 
 def test_selective_finetune(data, aifr_run, tmp_path):
