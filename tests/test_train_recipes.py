@@ -199,10 +199,14 @@ def test_mixed_precision_and_clipping(data, tmp_path, amp):
                                    warmup_steps=0, amp=amp, clip_grad=1.0))
     res = train(cfg)
     for h in res["history"]:
-        assert math.isfinite(h["loss"]) and h["grad_norm"] > 0, h
+        assert math.isfinite(h["loss"]), h
+        # fp16: a step whose scaled gradients overflow reports a non-finite norm and is skipped by the scaler
+        assert h["grad_norm"] > 0 or (amp == "fp16" and not math.isfinite(h["grad_norm"])), h
     ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
     scaler = ckpt["scalers"]["fr"]
     if amp == "fp16":
-        assert scaler["scale"] > 0 and "_growth_tracker" in scaler
+        overflowed = any(not math.isfinite(h["grad_norm"]) for h in res["history"])
+        assert scaler["scale"] == (2.0 ** 16) / (2 ** sum(not math.isfinite(h["grad_norm"]) for h in res["history"]))
+        assert overflowed or scaler["_growth_tracker"] == 2
     for v in ckpt["modules"]["model"].values():
         assert v.dtype != torch.float16 and v.dtype != torch.bfloat16  # fp32 master weights
