@@ -1,4 +1,4 @@
-"""The ``mtlface-fast`` command: ``demo``, ``bench``, ``eval``, ``export``."""
+"""The ``mtlface-fast`` command: ``demo``, ``bench``, ``train``, ``eval``, ``export``."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +41,24 @@ def _add_bench(sub):
     p.set_defaults(func=run)
 
 
+def _add_train(sub):
+    from .train.config import add_arguments
+    p = sub.add_parser("train", help="train MTLFace: aifr | fas | joint | finetune (see docs/TRAINING.md)",
+                       description="Train the fast MTLFace with an official recipe. Options come from the recipe's "
+                                   "defaults, then --config FILE (YAML/JSON), then these flags. Multi-GPU: "
+                                   "torchrun --nproc_per_node N -m mtlface_fast train ...")
+    add_arguments(p)
+
+    def run(args):
+        from .train import train
+        from .train.config import config_from_args
+        result = train(config_from_args(args))
+        print(f"trained {result['step']} steps -> {result['output']}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def _add_tool(sub, name: str, module: str, help: str):
     """A subcommand whose arguments and ``execute(args)`` live in ``mtlface_fast.<module>``."""
     import importlib
@@ -62,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tool(sub, "eval", "eval.runner", "verification, identification, age and synthesis metrics (JSON + Markdown)")
     _add_tool(sub, "export", "export.command",
               "ONNX file, AOTInductor package or TensorRT engine of recognition/synthesis")
+    _add_train(sub)
     return parser
 
 
