@@ -23,6 +23,16 @@ from .reference.model import EncodeResult, Features
 from .reference.model import MTLFace as ReferenceMTLFace
 
 
+def precision(images: torch.Tensor, dtype: Optional[torch.dtype]):
+    """The context a public method runs under for its ``dtype=`` keyword: autocast to bf16/fp16, or nothing."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
+    device = images.device.type if isinstance(images, torch.Tensor) else "cpu"
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
 class MTLFace(ReferenceMTLFace):
     """Drop-in fast MTLFace; see :class:`mtlface_fast.reference.MTLFace` for the arguments and API.
 
@@ -46,12 +56,7 @@ class MTLFace(ReferenceMTLFace):
         return FastTPAMIMTLFace
 
     def _precision(self, images: torch.Tensor, dtype: Optional[torch.dtype]):
-        if dtype is None or dtype == torch.float32:
-            return contextlib.nullcontext()
-        if dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
-        device = images.device.type if isinstance(images, torch.Tensor) else "cpu"
-        return torch.autocast(device_type=device, dtype=dtype)
+        return precision(images, dtype)
 
     def features(self, images: torch.Tensor) -> Features:
         images = self._check(images)

@@ -17,6 +17,7 @@ from torch import nn
 
 from . import layers
 from .layers.stylegan2 import FastStyledConv, FastToRGB
+from .model import precision
 from .nvtx import nvtx_range
 from .reference.model import Features
 from .reference.tpami import TPAMIAgingModule, TPAMIMTLFace
@@ -58,12 +59,7 @@ class FastTPAMIMTLFace(TPAMIMTLFace):
         self.channels_last = channels_last
 
     def _precision(self, images, dtype: Optional[torch.dtype]):
-        if dtype is None or dtype == torch.float32:
-            return contextlib.nullcontext()
-        if dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
-        device = images.device.type if isinstance(images, torch.Tensor) else "cpu"
-        return torch.autocast(device_type=device, dtype=dtype)
+        return precision(images, dtype)
 
     def features(self, images: torch.Tensor) -> Features:
         images = self._check(images)

@@ -96,6 +96,20 @@ def _instance_norm(norm: nn.InstanceNorm2d, x: torch.Tensor, window: slice) -> t
     return F.instance_norm(x, weight=w, bias=b, use_input_stats=True, eps=norm.eps)
 
 
+def _update_running_stats(bn, counts: torch.Tensor, mean: torch.Tensor, sq: torch.Tensor) -> None:
+    """nn.BatchNorm2d's running-stat update for channels held by some sample (``counts`` > 0 values each);
+    channels no sample holds keep their statistics."""
+    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        m = _bn_momentum(bn)
+        held = counts > 0
+        unbiased = sq / (counts - 1.0).clamp_min(1.0)
+        bn.running_mean.copy_(torch.where(held, (1 - m) * bn.running_mean + m * mean, bn.running_mean))
+        bn.running_var.copy_(torch.where(held, (1 - m) * bn.running_var + m * unbiased, bn.running_var))
+
+
 def _bn_momentum(bn: nn.modules.batchnorm._BatchNorm) -> float:
     """The momentum ``nn.BatchNorm2d.forward`` would use (after incrementing num_batches_tracked)."""
     if bn.momentum is None:
@@ -121,14 +135,7 @@ def _active_batch_norm(bn: nn.BatchNorm2d, ys: Sequence[torch.Tensor], windows: 
         idx = torch.arange(w.start, w.stop, device=dev)
         sq = sq.index_add(0, idx, (y.to(acc) - mean[w].view(1, -1, 1, 1)).square().sum((0, 2, 3)))
     var = sq / counts.clamp_min(1.0)
-    if bn.training and bn.track_running_stats and bn.running_mean is not None:
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            m = _bn_momentum(bn)
-            held = counts > 0
-            unbiased = sq / (counts - 1.0).clamp_min(1.0)
-            bn.running_mean.copy_(torch.where(held, (1 - m) * bn.running_mean + m * mean, bn.running_mean))
-            bn.running_var.copy_(torch.where(held, (1 - m) * bn.running_var + m * unbiased, bn.running_var))
+    _update_running_stats(bn, counts, mean, sq)
     rstd = torch.rsqrt(var + bn.eps)
     out = []
     for y, w in zip(ys, windows):
@@ -530,14 +537,7 @@ def _active_batch_norm_windows(bn, y, idx, win):
     centered = y.to(acc) - mean[idx][:, :, None, None]
     sq = spread(centered.square().sum((2, 3)))
     var = sq / counts.clamp_min(1.0)
-    if bn.training and bn.track_running_stats and bn.running_mean is not None:
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            m = _bn_momentum(bn)
-            held = counts > 0
-            unbiased = sq / (counts - 1.0).clamp_min(1.0)
-            bn.running_mean.copy_(torch.where(held, (1 - m) * bn.running_mean + m * mean, bn.running_mean))
-            bn.running_var.copy_(torch.where(held, (1 - m) * bn.running_var + m * unbiased, bn.running_var))
+    _update_running_stats(bn, counts, mean, sq)
     rstd = torch.rsqrt(var + bn.eps)
     out = centered * rstd[idx][:, :, None, None]
     if bn.affine:
