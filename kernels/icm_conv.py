@@ -290,7 +290,9 @@ def _launch_conv(x, weight, offsets, starts, unit, in_win, out_win, n_out, *, sc
 
 def _sample_groups(offsets: torch.Tensor, batch: int) -> torch.Tensor:
     """(B,) group of each sorted sample from the (G + 1,) offsets."""
-    return torch.searchsorted(offsets[1:].long(), torch.arange(batch, device=offsets.device), right=True)
+    # searchsorted(offsets[1:], i, right=True) as a comparison count: G is small, and it exports to ONNX.
+    rows = torch.arange(batch, device=offsets.device)
+    return (rows[:, None] >= offsets[1:].long()[None, :]).sum(1)
 
 
 def _window_index(offsets, starts, batch, unit):

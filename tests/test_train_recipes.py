@@ -5,6 +5,7 @@ stride-2/valid 4x4 convolutions need 48), four age groups and ICM overlap 0.5 so
 """
 import json
 import math
+import statistics
 import os
 
 import pytest
@@ -52,8 +53,10 @@ def test_aifr_loss_decreases_and_outputs(aifr_run):
     assert aifr_run["step"] == 30 and len(hist) == 30
     losses = [h["loss"] for h in hist]
     assert all(math.isfinite(x) for x in losses)
-    assert _mean(losses[-5:]) < 0.85 * _mean(losses[:5]), losses
-    assert _mean([h["id_loss"] for h in hist[-5:]]) < _mean([h["id_loss"] for h in hist[:5]])
+    # CosFace (s=64) at batch 4 spikes from step to step: compare medians of the first and last ten steps.
+    assert statistics.median(losses[-10:]) < 0.9 * statistics.median(losses[:10]), losses
+    ids = [h["id_loss"] for h in hist]
+    assert statistics.median(ids[-10:]) < 0.9 * statistics.median(ids[:10]), ids
     out = aifr_run["output"]
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == list(range(1, 31)) and {"loss", "lr", "images_per_s"} <= set(rows[0])

@@ -413,7 +413,10 @@ def compact_icm_triton(module: ICMBase, x_id: torch.Tensor, groups: torch.Tensor
 
     G, U, C = module.age_group, module.unit_count, module.conv_dim
     dev = x_id.device
-    order = torch.argsort(groups, stable=True)
+    # Group-major order that keeps the batch order within a group. Unique keys make a plain sort stable, and
+    # a plain sort (unlike sort(stable=True)) exports to ONNX.
+    B0 = x_id.size(0)
+    order = torch.argsort(groups.long() * B0 + torch.arange(B0, device=dev))
     counts = (groups[:, None] == torch.arange(G, device=dev)).sum(0)  # static (G,) shape, unlike bincount
     offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32)
     starts = _starts_tensor(module, dev)
