@@ -182,6 +182,9 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
         atomic_write(str(target), broken)
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(target).st_mode & 0o777 == 0o666 & ~umask  # the mode of a plain open(), not owner-only
 
 
 # -- preprocess ---------------------------------------------------------------------------------------------------
