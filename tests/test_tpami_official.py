@@ -17,7 +17,7 @@ from tests.utils import max_rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OFFICIAL = os.path.expanduser(os.environ.get("OFFICIAL_MTLFACE", ""))
-# The loader lives in the shared/tools folder beside the checkout (or beside its parent, for a worktree).
+# The loader lives in a shared/tools folder beside the checkout, or one level further up.
 LOADER = next((p for p in (os.path.join(os.path.dirname(ROOT), "shared", "tools", "official_mtlface.py"),
                            os.path.join(os.path.dirname(os.path.dirname(ROOT)), "shared", "tools",
                                         "official_mtlface.py")) if os.path.isfile(p)), "")
