@@ -33,6 +33,20 @@ def precision(images: torch.Tensor, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device, dtype=dtype)
 
 
+def encoder_features(model, encoder, images: torch.Tensor) -> Features:
+    """The fast models' encoder pass: checked input, channels_last trunk, AFD, NVTX ranges."""
+    images = model._check(images)
+    if model.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with nvtx_range("backbone"):
+        x_1, x_2, x_3, x_4, x_5 = encoder.trunk(images)
+    with nvtx_range("afd"):
+        x_id, x_age = encoder.fsm(x_5)
+    # The heads flatten x_id / x_age (and dropout draws its mask in memory order): hand them over in the
+    # reference's NCHW layout so that a seeded training step draws the same mask.
+    return Features(x_1, x_2, x_3, x_4, x_5, x_id.contiguous(), x_age.contiguous())
+
+
 class MTLFace(ReferenceMTLFace):
     """Drop-in fast MTLFace; see :class:`mtlface_fast.reference.MTLFace` for the arguments and API.
 
@@ -59,17 +73,7 @@ class MTLFace(ReferenceMTLFace):
         return precision(images, dtype)
 
     def features(self, images: torch.Tensor) -> Features:
-        images = self._check(images)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with nvtx_range("backbone"):
-            x_1, x_2, x_3, x_4, x_5 = self.backbone.trunk(images)
-        with nvtx_range("afd"):
-            x_id, x_age = self.backbone.fsm(x_5)
-        # The heads flatten x_id / x_age (and dropout draws its mask in memory order): hand them over in
-        # the reference's NCHW layout so that a seeded training step draws the same mask.
-        x_id, x_age = x_id.contiguous(), x_age.contiguous()
-        return Features(x_1, x_2, x_3, x_4, x_5, x_id, x_age)
+        return encoder_features(self, self.backbone, images)
 
     def encode(self, images: torch.Tensor, dtype: Optional[torch.dtype] = None) -> EncodeResult:
         with self._precision(images, dtype):

@@ -8,7 +8,6 @@ variant) when :mod:`mtlface_fast.layers` provides them, and the StyleGAN2 layers
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 
 from . import layers
 from .layers.stylegan2 import FastStyledConv, FastToRGB
-from .model import precision
+from .model import encoder_features, precision
 from .nvtx import nvtx_range
 from .reference.model import Features
 from .reference.tpami import TPAMIAgingModule, TPAMIMTLFace
@@ -62,15 +61,7 @@ class FastTPAMIMTLFace(TPAMIMTLFace):
         return precision(images, dtype)
 
     def features(self, images: torch.Tensor) -> Features:
-        images = self._check(images)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with nvtx_range("backbone"):
-            x_1, x_2, x_3, x_4, x_5 = self.encoder.trunk(images)
-        with nvtx_range("afd"):
-            x_id, x_age = self.encoder.fsm(x_5)
-        # The heads flatten x_id / x_age: hand them over in the reference's NCHW order.
-        return Features(x_1, x_2, x_3, x_4, x_5, x_id.contiguous(), x_age.contiguous())
+        return encoder_features(self, self.encoder, images)
 
     def encode(self, images: torch.Tensor, flip: bool = True, dtype: Optional[torch.dtype] = None):
         with self._precision(images, dtype):
