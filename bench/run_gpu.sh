@@ -26,16 +26,16 @@ if has env; then
 triton.__version__, torch.cuda.get_device_name())"
 fi
 
+if has smoke; then
+  step "every op at full size on CUDA against the reference"
+  run timeout 300 "$PY" bench/gpu_smoke.py
+fi
+
 if has tests; then
   step "kernel and model tests on CUDA"
   tests=$(ls tests/test_afd_kernels.py tests/test_icm_kernels.py tests/test_tpami_kernels.py \
           tests/test_fast_model.py tests/test_eval_pipeline.py 2>/dev/null)
   run timeout ${TESTS_TIMEOUT:-900} "$PY" -m pytest -q -p no:cacheprovider -rfs $tests
-fi
-
-if has smoke; then
-  step "every op at full size on CUDA against the reference"
-  run timeout 300 "$PY" bench/gpu_smoke.py
 fi
 
 if has sanitize; then
