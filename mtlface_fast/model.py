@@ -47,6 +47,15 @@ def encoder_features(model, encoder, images: torch.Tensor) -> Features:
     return Features(x_1, x_2, x_3, x_4, x_5, x_id.contiguous(), x_age.contiguous())
 
 
+def check_groups_per_call(images, age_group: int, groups_per_call: Optional[int]) -> int:
+    """``synthesize_all_ages``' generator batch: all groups at once on CUDA, one at a time elsewhere."""
+    if groups_per_call is None:
+        return age_group if isinstance(images, torch.Tensor) and images.is_cuda else 1
+    if isinstance(groups_per_call, bool) or not isinstance(groups_per_call, int) or groups_per_call < 1:
+        raise ValueError(f"groups_per_call must be a positive int, got {groups_per_call!r}")
+    return groups_per_call
+
+
 class MTLFace(ReferenceMTLFace):
     """Drop-in fast MTLFace; see :class:`mtlface_fast.reference.MTLFace` for the arguments and API.
 
@@ -107,10 +116,7 @@ class MTLFace(ReferenceMTLFace):
         CUDA (one B*G batch keeps the GPU busy), one at a time on CPU (B*G-sized activations of the
         112x112 decoder thrash CPU caches and measured slower).
         """
-        if groups_per_call is None:
-            groups_per_call = self.age_group if isinstance(images, torch.Tensor) and images.is_cuda else 1
-        if isinstance(groups_per_call, bool) or not isinstance(groups_per_call, int) or groups_per_call < 1:
-            raise ValueError(f"groups_per_call must be a positive int, got {groups_per_call!r}")
+        groups_per_call = check_groups_per_call(images, self.age_group, groups_per_call)
         with self._precision(images, dtype):
             f = self.features(images)
             B, G = images.size(0), self.age_group

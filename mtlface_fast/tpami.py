@@ -16,7 +16,7 @@ from torch import nn
 
 from . import layers
 from .layers.stylegan2 import FastStyledConv, FastToRGB
-from .model import encoder_features, precision
+from .model import check_groups_per_call, encoder_features, precision
 from .nvtx import nvtx_range
 from .reference.model import Features
 from .reference.tpami import TPAMIAgingModule, TPAMIMTLFace
@@ -96,10 +96,7 @@ class FastTPAMIMTLFace(TPAMIMTLFace):
         ``groups_per_call`` groups run as one batch (default: all on CUDA, one at a time on CPU). With
         ``noise="random"`` and a ``generator`` the draws equal the reference's (per group, in group order).
         """
-        if groups_per_call is None:
-            groups_per_call = self.age_group if isinstance(images, torch.Tensor) and images.is_cuda else 1
-        if isinstance(groups_per_call, bool) or not isinstance(groups_per_call, int) or groups_per_call < 1:
-            raise ValueError(f"groups_per_call must be a positive int, got {groups_per_call!r}")
+        groups_per_call = check_groups_per_call(images, self.age_group, groups_per_call)
         with self._precision(images, dtype):
             f = self.features(images)
             B, G = images.size(0), self.age_group
