@@ -34,8 +34,13 @@ fi
 if has tests; then
   step "kernel and model tests on CUDA"
   tests=$(ls tests/test_afd_kernels.py tests/test_icm_kernels.py tests/test_tpami_kernels.py \
-          tests/test_fast_model.py tests/test_eval_pipeline.py 2>/dev/null)
-  run timeout ${TESTS_TIMEOUT:-900} "$PY" -m pytest -q -p no:cacheprovider -rfs $tests
+          tests/test_fast_model.py tests/test_tpami_fast.py tests/test_eval_pipeline.py 2>/dev/null)
+  # CUDA-only cases of the export tests (the CPU ones run in CI): AOTInductor package, TensorRT when present.
+  tests="$tests tests/test_export_aoti.py::test_aoti_cuda_package_parity tests/test_export_tensorrt.py"
+  # The log (full tracebacks) goes next to the results, so that it survives a cut-off console.
+  run timeout ${TESTS_TIMEOUT:-900} "$PY" -m pytest -q -p no:cacheprovider -rfs --tb=short $tests \
+    > "$RES/gpu-tests.log" 2>&1
+  tail -n 40 "$RES/gpu-tests.log"
 fi
 
 if has sanitize; then
