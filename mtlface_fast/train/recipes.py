@@ -26,7 +26,7 @@ Both give every process the mean gradient of the global batch.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -125,9 +125,10 @@ class StepContext:
     """What a recipe step needs from the loop: device, precision, process group, per-shard seeding."""
 
     def __init__(self, device: torch.device, amp: str, world: int, rank: int, clip_grad: float,
-                 seed_shard: Callable[[int, int], None]):
+                 seed_shard: Callable[[int, int], None], convert: Optional[Callable[[nn.Module], None]] = None):
         self.device, self.amp, self.world, self.rank = device, amp, world, rank
         self.clip_grad, self.seed_shard = clip_grad, seed_shard
+        self.convert = convert  # applied to the recipe's own modules before DDP wraps them (--sync-bn)
 
 
 class AIFRNet(nn.Module):
@@ -168,6 +169,8 @@ class AIFRRecipe:
         dev = ctx.device
         self.head = CosFace(512, num_classes, cfg.cosface_s, cfg.cosface_m).to(dev)
         self.da_discriminator = AgeEstimationModule(cfg.input_size, cfg.age_group).to(dev)
+        if ctx.convert is not None:
+            ctx.convert(self.da_discriminator)
         self.net = AIFRNet(model, self.head, self.da_discriminator, age_weight=cfg.age_loss_weight,
                            da_weight=cfg.da_loss_weight, grl_coeff=cfg.grl_coeff, amp=cfg.amp)
         self.ddp = self.net
