@@ -39,10 +39,6 @@ def aifr_run(data, tmp_path_factory):
 GAN = dict(TINY, input_size=48)
 
 
-def _mean(xs):
-    return sum(xs) / len(xs)
-
-
 def _params(path, prefix=""):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     return ckpt, {k: v for k, v in ckpt["modules"]["model"].items() if k.startswith(prefix)}
