@@ -74,3 +74,52 @@ def test_two_process_gloo_equals_single_process(tmp_path):
                 trained += int(name == "model" and not torch.equal(init[k], v))
         assert trained > 0, recipe
     print(f"DDP (2 x gloo) vs one process: max relative parameter error {worst:.2e}")
+
+
+def test_sync_bn_is_refused_on_cpu(tmp_path, capsys):
+    # the device check comes before anything is read or built
+    cfg = make_config("aifr", dict(BASE, input_size=32, data=str(tmp_path / "none.txt"), device="cpu", sync_bn=True,
+                                   output=str(tmp_path / "out")))
+    with pytest.raises(ValueError, match=r"--sync-bn: SyncBatchNorm .* cannot run on cpu"):
+        train(cfg)
+    from mtlface_fast.cli import main
+    assert main(["train", "aifr", "--data", str(tmp_path / "none.txt"), "--device", "cpu", "--sync-bn"]) == 2
+    assert "--sync-bn" in capsys.readouterr().err
+
+
+def test_sync_bn_conversion_keeps_the_state_dict():
+    from torch import nn
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from mtlface_fast.train.loop import convert_sync_batchnorm
+    from mtlface_fast.train.recipes import AIFRRecipe, StepContext
+    cfg = make_config("joint", dict(BASE, input_size=48, data="unused.txt", sync_bn=True))
+    fast = build_model(cfg)
+    # the fused AFD and compact ICM compute batch statistics themselves: converting them would not sync
+    with pytest.raises(ValueError, match="computes its batch statistics itself"):
+        convert_sync_batchnorm(fast)
+    model = build_model(cfg, sync_bn=True)
+    model.load_state_dict(fast.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bns = {n: (type(m), m.momentum, m.eps) for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    assert len(bns) > 80 and {t for t, _, _ in bns.values()} == {nn.BatchNorm1d, nn.BatchNorm2d}
+    convert_sync_batchnorm(model)
+    synced = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    assert set(synced) == set(bns)
+    for n, m in synced.items():
+        assert type(m) is nn.SyncBatchNorm and (m.momentum, m.eps) == bns[n][1:], n  # AFD keeps momentum 0.01
+    after = model.state_dict()
+    assert list(after) == list(before) == list(fast.state_dict())
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    # evaluation (running statistics) is unchanged by the conversion
+    x = torch.randn(2, 3, 48, 48)
+    fast.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fast(x), rtol=1e-4, atol=1e-4)
+    # the recipe converts its own heads before wrapping them
+    ctx = StepContext(torch.device("cpu"), "none", 1, 0, 0.0, lambda step, shard: None, convert=convert_sync_batchnorm)
+    recipe = AIFRRecipe(model, 4, cfg, ctx)
+    heads = [m for m in recipe.da_discriminator.modules() if isinstance(m, _BatchNorm)]
+    assert heads and all(type(m) is nn.SyncBatchNorm for m in heads)

@@ -1,4 +1,5 @@
 """Exact resume: N steps in one run equal N/2 steps, a checkpoint, a fresh start with --resume, N/2 steps."""
+import math
 import os
 import shutil
 
@@ -39,7 +40,7 @@ def _assert_same(a, b):
 
 @pytest.mark.parametrize("recipe,extra", [
     ("aifr", dict(input_size=32, batch_size=2, grad_accum=2, lr=0.01, warmup_steps=2, milestones=(3,), flip=True)),
-    ("fas", dict(input_size=48, batch_size=2, clip_grad=10.0)),
+    ("fas", dict(input_size=48, batch_size=2, clip_grad=10.0, rec_weight=1.0)),  # + the reconstruction term
 ])
 def test_resume_is_bit_exact(data, tmp_path, recipe, extra):
     full_dir, part_dir = str(tmp_path / "full"), str(tmp_path / "part")
@@ -50,6 +51,8 @@ def test_resume_is_bit_exact(data, tmp_path, recipe, extra):
     shutil.copy(os.path.join(full_dir, "checkpoints", "step_00000002.pt"), os.path.join(part_dir, "last.pt"))
     resumed = train(make_config(recipe, dict(cfg, output=part_dir, resume="auto")))
     assert resumed["step"] == 4 and [h["step"] for h in resumed["history"]] == [3, 4]
+    if recipe == "fas":
+        assert all(math.isfinite(h["rec_loss"]) and h["rec_loss"] > 0 for h in full["history"])
     for a, b in zip(full["history"][2:], resumed["history"]):
         for k in a:
             if k != "images_per_s":

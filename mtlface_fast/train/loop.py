@@ -47,9 +47,36 @@ def setup_distributed(cfg: TrainConfig):
         if not torch.cuda.is_available():
             raise ValueError(f"device: {cfg.device!r} asked for CUDA, but CUDA is not available")
         torch.cuda.set_device(device)
+    check_sync_bn(cfg.sync_bn, device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return world, rank, device
+
+
+def check_sync_bn(sync_bn: bool, device: torch.device) -> None:
+    """``--sync-bn`` needs CUDA: SyncBatchNorm gathers batch statistics with CUDA collectives."""
+    if sync_bn and device.type != "cuda":
+        raise ValueError(f"--sync-bn: SyncBatchNorm gathers batch statistics across processes with CUDA "
+                         f"collectives and cannot run on {device.type}; drop --sync-bn (each process then "
+                         f"normalizes with its own batch statistics, as the official code does)")
+
+
+def convert_sync_batchnorm(*modules: torch.nn.Module) -> None:
+    """Every BatchNorm of ``modules`` becomes a SyncBatchNorm in place: same parameter and buffer tensors,
+    same state-dict keys. Modules that compute batch statistics themselves (the fused AFD, the compact
+    ICM) would bypass the synchronization, so they are refused: :func:`build_model` with ``sync_bn``
+    builds the model with the reference AFD and ICM instead."""
+    from .. import layers
+    own_stats = tuple(c for c in (getattr(layers, "FusedAttentionModule", None), getattr(layers, "CompactICM", None))
+                      if c is not None)
+    for module in modules:
+        bad = [n for n, m in module.named_modules() if isinstance(m, own_stats)]
+        if bad:
+            raise ValueError(f"--sync-bn: {bad[0]!r} ({type(module.get_submodule(bad[0])).__name__}) computes its "
+                             f"batch statistics itself; build the model with build_model(cfg, sync_bn=True)")
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            raise ValueError("--sync-bn: convert the module that holds the BatchNorm, not the BatchNorm itself")
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)  # children are replaced in place
 
 
 def shard_seeder(seed: int):
@@ -59,11 +86,17 @@ def shard_seeder(seed: int):
 
 
 # -- model ------------------------------------------------------------------------------------------------
-def build_model(cfg: TrainConfig):
+def build_model(cfg: TrainConfig, sync_bn: bool = False):
+    """The model to train (seeded by ``cfg.seed``). ``sync_bn``: the fast model keeps its trunk units (their
+    training forward calls the BatchNorm modules) but takes the reference AFD and ICM, whose BatchNorm
+    modules a SyncBatchNorm conversion can replace; the state dict is the same either way."""
     from .. import MTLFace, reference
+    from ..reference.afd import AttentionModule
+    from ..reference.icm import AgingModule
     cls = reference.MTLFace if cfg.reference else MTLFace
+    layers = dict(attention_layer=AttentionModule, generator_layer=AgingModule) if sync_bn else {}
     torch.manual_seed(cfg.seed)
-    return cls(cfg.backbone, cfg.input_size, cfg.age_group, cfg.afd, cfg.sigma)
+    return cls(cfg.backbone, cfg.input_size, cfg.age_group, cfg.afd, cfg.sigma, **layers)
 
 
 def load_init(model, path: str) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -162,7 +195,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     np.random.seed(cfg.seed % 2 ** 32)
 
     faces = read_list_file(cfg.data, cfg.root, verbose=main)
-    model = build_model(cfg)
+    sync_bn = cfg.sync_bn and world > 1  # one process: its batch statistics are already the global ones
+    model = build_model(cfg, sync_bn)
     extra: Dict[str, Dict[str, torch.Tensor]] = {}
     if cfg.init:
         extra = load_init(model, cfg.init)
@@ -184,12 +218,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         synth = read_list_file(os.path.join(synth_dir, "list.txt"), synth_dir, verbose=main)
         faces = merge_lists(faces, synth)
 
-    if cfg.sync_bn and world > 1:
-        if device.type != "cuda":
-            raise ValueError("sync_bn: SyncBatchNorm needs CUDA; drop --sync-bn for CPU runs")
-        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if sync_bn:
+        convert_sync_batchnorm(model)
 
-    ctx = StepContext(device, cfg.amp, world, rank, cfg.clip_grad, shard_seeder(cfg.seed))
+    ctx = StepContext(device, cfg.amp, world, rank, cfg.clip_grad, shard_seeder(cfg.seed),
+                      convert=convert_sync_batchnorm if sync_bn else None)
     torch.manual_seed(cfg.seed + 1)  # heads' init: same on every process, independent of the model's
     if cfg.recipe in ("aifr", "finetune"):
         recipe = AIFRRecipe(model, faces.num_classes, cfg, ctx)
@@ -260,9 +293,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             now = time.perf_counter()
             logs["images_per_s"] = per_rank * world / max(now - tick, 1e-9)
             tick = now
-            key = "loss" if "loss" in logs else "g_loss"
-            if not math.isfinite(logs[key]) and cfg.amp != "fp16":
-                raise RuntimeError(f"step {step}: {key} is {logs[key]} (lower --lr, or use --clip-grad)")
+            if cfg.amp != "fp16":  # fp16: the gradient scaler skips overflowing steps
+                for key in ("loss", "d_loss", "g_loss"):
+                    if key in logs and not math.isfinite(logs[key]):
+                        raise RuntimeError(f"step {step}: {key} is {logs[key]} (lower the learning rate, or use "
+                                           f"--clip-grad)")
             if main:
                 history.append(dict(step=step, **logs))
             logger.log(step, logs)

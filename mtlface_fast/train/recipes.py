@@ -26,7 +26,8 @@ Both give every process the mean gradient of the global batch.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterable, List, Sequence
+import warnings
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -125,9 +126,10 @@ class StepContext:
     """What a recipe step needs from the loop: device, precision, process group, per-shard seeding."""
 
     def __init__(self, device: torch.device, amp: str, world: int, rank: int, clip_grad: float,
-                 seed_shard: Callable[[int, int], None]):
+                 seed_shard: Callable[[int, int], None], convert: Optional[Callable[[nn.Module], None]] = None):
         self.device, self.amp, self.world, self.rank = device, amp, world, rank
         self.clip_grad, self.seed_shard = clip_grad, seed_shard
+        self.convert = convert  # applied to the recipe's own modules before DDP wraps them (--sync-bn)
 
 
 class AIFRNet(nn.Module):
@@ -152,7 +154,8 @@ class AIFRNet(nn.Module):
         age = age_loss(*self.estimation_network(x_age), ages, groups)
         da = age_loss(*self.da_discriminator(grad_reverse(x_id, self.grl_coeff)), ages, groups)
         total = id_loss + self.age_weight * age + self.da_weight * da
-        return total, dict(id_loss=id_loss.detach(), age_loss=age.detach(), da_loss=da.detach())
+        return total, dict(id_loss=id_loss.detach(), age_loss=age.detach(), da_loss=da.detach(),
+                           x_id_rms=x_id.detach().square().mean().sqrt())
 
 
 def _split(batch: Dict[str, torch.Tensor], parts: int) -> List[Dict[str, torch.Tensor]]:
@@ -168,6 +171,8 @@ class AIFRRecipe:
         dev = ctx.device
         self.head = CosFace(512, num_classes, cfg.cosface_s, cfg.cosface_m).to(dev)
         self.da_discriminator = AgeEstimationModule(cfg.input_size, cfg.age_group).to(dev)
+        if ctx.convert is not None:
+            ctx.convert(self.da_discriminator)
         self.net = AIFRNet(model, self.head, self.da_discriminator, age_weight=cfg.age_loss_weight,
                            da_weight=cfg.da_loss_weight, grl_coeff=cfg.grl_coeff, amp=cfg.amp)
         self.ddp = self.net
@@ -290,6 +295,7 @@ class FASRecipe:
                 d_loss = 0.5 * (lsgan_loss(real_logits, 1.0) + lsgan_loss(fake_logits, 0.0))
             self.d_scaler.scale(d_loss / n).backward()
             add("d_loss", d_loss.detach())
+            add("src_x_id_rms", f.x_id.detach().float().square().mean().sqrt())
             cache.append((f, fake))
         self._finish(self.d_optimizer, self.d_scaler, list(self.discriminator.parameters()), logs, "d")
 
@@ -320,11 +326,22 @@ class FASRecipe:
 
 
 class JointRecipe:
-    """Official joint training: an AIFR step, then a FAS step on the same source batch."""
+    """Official joint training: an AIFR step, then a FAS step on the same source batch.
+
+    The FAS half runs the backbone in eval mode (official), i.e. on BatchNorm running statistics, right after
+    the SGD step of the AIFR half moved its weights. When the weights move faster than the running
+    averages follow (a high learning rate without warm-up, from scratch), the error compounds over the
+    residual units and the FAS half sees amplified features; its identity (MSE on x_id) and age losses
+    then blow up. ``x_id_eval_ratio`` (RMS of x_id in the FAS half over the AIFR half's, same batch) measures
+    it, and a warning is given once when it exceeds :attr:`LAG_WARN`.
+    """
+
+    LAG_WARN = 10.0
 
     def __init__(self, model: nn.Module, num_classes: int, cfg, ctx: StepContext):
         self.aifr = AIFRRecipe(model, num_classes, cfg, ctx)
         self.fas = FASRecipe(model, cfg, ctx, train_backbone=True)
+        self._warned = False
 
     def modules(self):
         return dict(**self.aifr.modules(), **self.fas.modules())
@@ -336,4 +353,13 @@ class JointRecipe:
     def step(self, batch, step):
         logs = self.aifr.step(batch, step)
         logs.update(self.fas.step(batch, step))
+        ratio = logs["src_x_id_rms"] / max(logs["x_id_rms"], 1e-30)
+        logs["x_id_eval_ratio"] = ratio
+        if ratio > self.LAG_WARN and not self._warned:
+            self._warned = True
+            warnings.warn(f"joint step {step + 1}: x_id on the backbone's running BatchNorm statistics (FAS half, "
+                          f"eval mode as in the official code) is {ratio:.3g}x its size on batch statistics (AIFR "
+                          f"half): the running statistics lag weights that SGD moves fast, and the generator's "
+                          f"identity and age losses are computed on amplified features. Lower --lr, keep the "
+                          f"warm-up (--warmup-steps) or start from an AIFR model (--init)")
         return logs
