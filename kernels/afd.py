@@ -293,6 +293,14 @@ def _tile(C: int, H: int, W: int, target: int = 4096):
     return block_c, block_p, (4 if block_c * block_p <= 2048 else 8)
 
 
+def _pool_tile(C: int, H: int, W: int, on_gpu: bool):
+    """(BLOCK_C, BLOCK_H, BLOCK_W) of the pooling kernel: a tile of ~2048 elements on GPU; the interpreter
+    prefers few big tiles (8192). Tests force the GPU choice on CPU to cover its channel-block loop."""
+    block_h, block_w = triton.next_power_of_2(H), triton.next_power_of_2(W)
+    target = 2048 if on_gpu else 8192
+    return max(1, min(triton.next_power_of_2(C), target // (block_h * block_w))), block_h, block_w
+
+
 def _check_x(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D (B, C, H, W) tensor, got {getattr(x, 'shape', type(x))}")
@@ -319,10 +327,7 @@ def afd_pool(x: torch.Tensor, concat: bool, with_idx: bool = True
     sp_idx = torch.empty((B, H, W) if with_idx else (B, 0, 0), device=x.device, dtype=torch.int32)
     if _shapes_only(x):
         return feat, feat_idx, sp, sp_idx
-    block_h, block_w = triton.next_power_of_2(int(H)), triton.next_power_of_2(int(W))
-    # A (BLOCK_C, BLOCK_H, BLOCK_W) tile of ~2048 elements on GPU; the interpreter prefers few big tiles.
-    target = 8192 if not x.is_cuda else 2048
-    block_c = max(1, min(triton.next_power_of_2(int(C)), target // (block_h * block_w)))
+    block_c, block_h, block_w = _pool_tile(int(C), int(H), int(W), x.is_cuda)
     wrap_triton(_afd_pool_fwd_kernel)[(B,)](
         x, feat, feat_idx, sp, sp_idx, C, *x.stride(),
         H=int(H), W=int(W), CONCAT=concat, WITH_IDX=with_idx, BLOCK_C=block_c, BLOCK_H=block_h,
