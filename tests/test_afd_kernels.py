@@ -150,6 +150,71 @@ def test_pool_kernel_indices_and_ties(tile, monkeypatch):
                 assert torch.equal(u, v), f"{name} {hw}"
 
 
+def test_eval_operands_cached_and_rebuilt_on_any_change():
+    """The BN-folded eval operands are built once and reused; an in-place statistic update, a replaced
+    parameter tensor or a changed epsilon rebuilds them, and they always equal a fresh build."""
+    _, fast = _pair("cvpr")
+
+    def check_fresh(ops_):
+        for k, v in fast._build_eval(torch.float32).items():
+            assert torch.equal(ops_[k], v), k
+
+    with torch.no_grad():
+        first = fast._eval_operands(torch.float32)
+        assert fast._eval_operands(torch.float32) is first
+        check_fresh(first)
+        fast.channel[3].running_var.mul_(1.5)
+        second = fast._eval_operands(torch.float32)
+        assert second is not first
+        check_fresh(second)
+        fast.spatial[0].weight.data = fast.spatial[0].weight.data * 2
+        third = fast._eval_operands(torch.float32)
+        assert third is not second
+        check_fresh(third)
+        fast.spatial[1].eps = 1e-3
+        fourth = fast._eval_operands(torch.float32)
+        assert fourth is not third
+        check_fresh(fourth)
+    # gradients wanted: built inline so that they reach the parameters
+    assert fast._eval_operands(torch.float32)["w2"].requires_grad
+    with torch.inference_mode():  # a module made under inference_mode has no version counters
+        made = FusedAttentionModule(C, 16, "cvpr").to(DEVICE).eval()
+        x = _x(2)
+        assert all(torch.isfinite(t).all() for t in made(x))
+
+
+def test_eager_inference_skips_only_the_dispatcher():
+    """Eager inference runs the ops' bodies directly: outputs equal the registered ops bit for bit, and
+    whatever must see the ops (a dispatch mode, autograd, fake tensors) still goes through them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = _x(2, seed=11)
+    cs, ss = torch.rand(2, C, device=DEVICE), torch.rand(2, 7, 7, device=DEVICE)
+    with use_backend("triton"), torch.no_grad():
+        assert ops._direct_call_ok(x, cs, ss)
+        for u, v in zip(ops.pool(x, True, False), ops.afd_pool(x, True, False)):
+            assert torch.equal(u, v)
+        for u, v in zip(ops.apply(x, cs, ss, True), ops.afd_apply(x, cs, ss, True)):
+            assert torch.equal(u, v)
+        with Seen() as seen:
+            ops.pool(x, False, False)
+        assert any("mtlface_fast.afd_pool" in o for o in seen.ops), seen.ops
+    assert not ops._direct_call_ok(x.requires_grad_())
+    assert ops._direct_call_ok(x.detach(), cs, ss) and not ops._direct_call_ok(x.detach(), cs.requires_grad_(), ss)
+    mode = torch._subclasses.fake_tensor.FakeTensorMode()
+    fake = mode.from_tensor(x.detach())
+    assert not ops._direct_call_ok(fake)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_train_batch_of_one_raises_like_reference(backend):
     ref, fast = _pair("cvpr", training=True)

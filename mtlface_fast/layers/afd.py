@@ -25,7 +25,6 @@ from torch import nn
 
 from ..backend import use_triton_for
 from ..reference.afd import SPP_SIZES, AttentionModule
-from .trunk import FoldCache
 
 SPP_BINS = sum(s * s for s in SPP_SIZES)  # 14 pooled values per channel and pooling kind
 MAX_PIXELS = 4096  # H*W of one feature map held by one kernel tile row (64x64)
@@ -175,6 +174,20 @@ def _fold(weight: torch.Tensor, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch
     return w, bn.bias.to(acc) - bn.running_mean.to(acc) * scale
 
 
+class _EvalCache:
+    """Eval operands of one compute dtype and the key of the tensors they were built from.
+
+    The key is each source tensor's (data_ptr, version): an in-place change bumps the version, a new
+    tensor has a new address. ``sources`` keeps the source storages alive, so that no later tensor can
+    take one of their addresses while the key holds it.
+    """
+
+    def __init__(self):
+        self.key = None
+        self.sources = ()
+        self.value = None
+
+
 class FusedAttentionModule(AttentionModule):
     """Drop-in :class:`~mtlface_fast.reference.afd.AttentionModule` (same constructor and state dict).
 
@@ -193,7 +206,7 @@ class FusedAttentionModule(AttentionModule):
         if pooled // reduction < 1:
             raise ValueError(f"reduction {reduction} leaves no hidden unit for {pooled} pooled features")
         super().__init__(channels, reduction, variant)
-        self._fold_caches = {}  # compute dtype -> FoldCache of the eval-mode GEMM/conv operands
+        self._fold_caches = {}  # compute dtype -> _EvalCache of the eval-mode GEMM/conv operands
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -219,12 +232,40 @@ class FusedAttentionModule(AttentionModule):
         return dict(w1=self.channel[0].weight.flatten(1).to(compute_dtype), w2=w2.to(compute_dtype),
                     b2=b2.to(acc), ws=ws.to(acc), bs=bs.to(acc))
 
+    def _fold_sources(self) -> Tuple[Tuple[torch.Tensor, ...], Tuple[float, float]]:
+        """Every tensor and the two BN epsilons that :meth:`_build_eval` reads. Runs on every eval forward,
+        so it reads the module dicts directly (Sequential indexing and nn.Module attribute lookup cost
+        microseconds each)."""
+        ch, sp = self._modules["channel"]._modules, self._modules["spatial"]._modules
+        c3, s1 = ch["3"], sp["1"]
+        p3, b3, p1, b1 = c3._parameters, c3._buffers, s1._parameters, s1._buffers
+        return ((ch["0"]._parameters["weight"], ch["2"]._parameters["weight"], p3["weight"], p3["bias"],
+                 b3["running_mean"], b3["running_var"], sp["0"]._parameters["weight"], p1["weight"], p1["bias"],
+                 b1["running_mean"], b1["running_var"]), (c3.eps, s1.eps))
+
     def _eval_operands(self, compute_dtype: torch.dtype):
-        """BN-folded operands in the compute dtype, cached until a parameter or statistic changes."""
+        """BN-folded operands in the compute dtype, cached until a parameter or statistic changes.
+
+        Built inline (differentiable, traceable) under torch.compile or when a parameter wants a gradient,
+        and on every call for parameters made under ``torch.inference_mode`` (which have no version counter).
+        """
         if torch.compiler.is_compiling():
             return self._build_eval(compute_dtype)
-        cache = self._fold_caches.setdefault(compute_dtype, FoldCache())
-        return cache.get(self, lambda: self._build_eval(compute_dtype))
+        sources, eps = self._fold_sources()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return self._build_eval(compute_dtype)
+        if any(t.is_inference() for t in sources):  # made under inference_mode: no version counters to key on
+            with torch.no_grad():
+                return self._build_eval(compute_dtype)
+        cache = self._fold_caches.get(compute_dtype)
+        if cache is None:
+            cache = self._fold_caches[compute_dtype] = _EvalCache()
+        key = (tuple((t.data_ptr(), t._version) for t in sources), sources[0].device, eps)
+        if key != cache.key:
+            with torch.no_grad():
+                cache.value = self._build_eval(compute_dtype)
+            cache.key, cache.sources = key, tuple(t.detach() for t in sources)
+        return cache.value
 
     def branch_scales(self, feat: torch.Tensor, sp: torch.Tensor, compute_dtype: torch.dtype
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -253,7 +294,7 @@ class FusedAttentionModule(AttentionModule):
         att_is_age = self.variant == "cvpr"
         if use_triton_for(x):
             from ..kernels import afd as ops
-            pool, apply = ops.afd_pool, ops.afd_apply
+            pool, apply = ops.pool, ops.apply
         else:
             pool, apply = pool_torch, apply_torch
         with_idx = torch.is_grad_enabled() and x.requires_grad  # argmax bookkeeping only for backward
