@@ -282,10 +282,12 @@ class FusedAttentionModule(AttentionModule):
             s = F.conv2d(sp, self.spatial[0].weight.to(acc), padding=pad).to(acc)  # (autocast may lower it)
             ss = torch.sigmoid(_batch_norm_train(s, self.spatial[1]))
         else:
+            # Fewest ops on the host: the fp32 bias add promotes a low-precision GEMM output exactly as
+            # .to(fp32) would, and the activations run in place on tensors made here.
             p = self._eval_operands(compute_dtype)
-            h = F.relu(F.linear(feat.to(compute_dtype), p["w1"]))
-            cs = torch.sigmoid(F.linear(h, p["w2"]).to(acc) + p["b2"])
-            ss = torch.sigmoid(F.conv2d(sp, p["ws"], p["bs"], padding=pad).to(acc))
+            h = F.linear(feat.to(compute_dtype), p["w1"]).relu_()
+            cs = (F.linear(h, p["w2"]) + p["b2"]).sigmoid_()
+            ss = F.conv2d(sp, p["ws"], p["bs"], padding=pad).to(acc).sigmoid_()
         return cs, ss[:, 0]
 
     def forward(self, x: torch.Tensor):
