@@ -11,6 +11,9 @@ Ops (``torch.ops.mtlface_fast.*``), each a ``triton_op`` whose PyTorch twin in
 * ``afd_pool_backward`` / ``afd_apply_backward``: their gradients, one pass each; the reductions over
   pixels and channels are per-program fp32 partials summed on the host (deterministic, no atomics).
 
+:func:`pool` and :func:`apply` are what the module calls: the registered op, or in eager inference its
+body run directly (no dispatcher; the same code the op's eager kernel runs).
+
 Every statistic is fp32 (fp64 for fp64 inputs) whatever the input dtype; any input strides
 (contiguous, channels_last, sliced) are read as they are. ``afd_pool`` runs one program per sample (the
 channel max/mean reduce over all channels, so no cross-program reduction is needed); the other kernels run
@@ -312,8 +315,8 @@ except ImportError:  # pragma: no cover
 
 
 def _direct_call_ok(*tensors: torch.Tensor) -> bool:
-    """Whether an eager call may run an op's body itself rather than through the dispatcher (which costs
-    ~15 us of host time per op, more than the kernels take at small batches): real tensors only (no
+    """Whether an eager call may run an op's body itself rather than through the dispatcher (~15 us of
+    host time per op on CPU, more than the kernels take at small batches): real tensors only (no
     fake, functional or functorch-wrapped ones), nothing to differentiate, no compile, tracing or
     dispatch mode that has to see the op. The body then runs exactly as the op's eager kernel runs it."""
     if _wrap_triton_enabled is None or torch.compiler.is_compiling() or _proxy_tracing():

@@ -174,20 +174,6 @@ def _fold(weight: torch.Tensor, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch
     return w, bn.bias.to(acc) - bn.running_mean.to(acc) * scale
 
 
-class _EvalCache:
-    """Eval operands of one compute dtype and the key of the tensors they were built from.
-
-    The key is each source tensor's (data_ptr, version): an in-place change bumps the version, a new
-    tensor has a new address. ``sources`` keeps the source storages alive, so that no later tensor can
-    take one of their addresses while the key holds it.
-    """
-
-    def __init__(self):
-        self.key = None
-        self.sources = ()
-        self.value = None
-
-
 class FusedAttentionModule(AttentionModule):
     """Drop-in :class:`~mtlface_fast.reference.afd.AttentionModule` (same constructor and state dict).
 
@@ -206,7 +192,10 @@ class FusedAttentionModule(AttentionModule):
         if pooled // reduction < 1:
             raise ValueError(f"reduction {reduction} leaves no hidden unit for {pooled} pooled features")
         super().__init__(channels, reduction, variant)
-        self._fold_caches = {}  # compute dtype -> _EvalCache of the eval-mode GEMM/conv operands
+        # Eval-mode GEMM/conv operands per compute dtype, valid while the key of their source tensors holds
+        # (each source's (data_ptr, version): an in-place change bumps the version, a new tensor has a new
+        # address; the kept sources hold their storages, so that no later tensor can take such an address).
+        self._eval_key, self._eval_keep, self._eval_ops = None, (), {}
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -257,15 +246,14 @@ class FusedAttentionModule(AttentionModule):
         if any(t.is_inference() for t in sources):  # made under inference_mode: no version counters to key on
             with torch.no_grad():
                 return self._build_eval(compute_dtype)
-        cache = self._fold_caches.get(compute_dtype)
-        if cache is None:
-            cache = self._fold_caches[compute_dtype] = _EvalCache()
         key = (tuple((t.data_ptr(), t._version) for t in sources), sources[0].device, eps)
-        if key != cache.key:
+        if key != self._eval_key:
+            self._eval_key, self._eval_keep, self._eval_ops = key, tuple(t.detach() for t in sources), {}
+        operands = self._eval_ops.get(compute_dtype)
+        if operands is None:
             with torch.no_grad():
-                cache.value = self._build_eval(compute_dtype)
-            cache.key, cache.sources = key, tuple(t.detach() for t in sources)
-        return cache.value
+                operands = self._eval_ops[compute_dtype] = self._build_eval(compute_dtype)
+        return operands
 
     def branch_scales(self, feat: torch.Tensor, sp: torch.Tensor, compute_dtype: torch.dtype
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
