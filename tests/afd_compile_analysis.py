@@ -94,7 +94,7 @@ def main() -> None:
         out.append({"kernel": jit.fn.__name__, "written": written, "read": read,
                     "tensors": sorted(k for k, v in call.items() if isinstance(v, torch.Tensor)),
                     "constexprs": {k: v for k, v in kwargs.items() if isinstance(v, (bool, int))}})
-    print(json.dumps({"launches": out}))
+    print(json.dumps({"launches": out, "versions": f"torch {torch.__version__}, triton {triton.__version__}"}))
 
 
 if __name__ == "__main__":

@@ -403,11 +403,11 @@ def test_compile_sees_exactly_the_kernel_outputs_written():
         name, written, read = launch["kernel"], set(launch["written"]), launch["read"]
         want = _kernel_writes(name, launch["constexprs"])
         seen.add(name)
-        assert written == want, (f"{name} {launch['constexprs']}: torch.compile's analysis finds "
-                                 f"{sorted(written)} written, the kernel writes {sorted(want)}")
+        assert written == want, (f"{name} {launch['constexprs']} ({report['versions']}): torch.compile's "
+                                 f"analysis finds {sorted(written)} written, the kernel writes {sorted(want)}")
         if read is not None:
             missed = KERNEL_READS[name] - set(read)
-            assert not missed, f"{name}: the analysis misses reads of {sorted(missed)}"
+            assert not missed, f"{name} ({report['versions']}): the analysis misses reads of {sorted(missed)}"
     assert seen == {"_afd_pool_fwd_kernel", "_afd_pool_bwd_kernel", "_afd_apply_fwd_kernel",
                     "_afd_apply_bwd_kernel"}
 
