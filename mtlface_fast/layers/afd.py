@@ -146,14 +146,28 @@ def pool_backward_torch(x: torch.Tensor, dfeat: torch.Tensor, feat_idx: torch.Te
 # ----------------------------------------------------------------------------------------------------
 
 def _batch_norm_train(z: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """BatchNorm with fp32 batch statistics over all dims but 1; running stats updated as nn.BatchNorm2d."""
+    """BatchNorm with fp32 batch statistics over all dims but 1; running stats updated as nn.BatchNorm2d.
+
+    When the module's affine parameters and statistics have z's dtype (fp32 weights, also under autocast)
+    this is ``F.batch_norm``, the function ``nn.BatchNorm2d`` itself calls: one op (forward and backward)
+    instead of a dozen. Otherwise (a low-precision module) it is spelled out, statistics in z's dtype.
+    """
     dims = [d for d in range(z.dim()) if d != 1]
     n = z.numel() // z.shape[1]
     if n <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(z.shape)}")
+    stats = bn.track_running_stats and bn.running_mean is not None
+    if all(t is None or t.dtype == z.dtype for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)):
+        momentum = 0.0
+        if stats:
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        return F.batch_norm(z, bn.running_mean if stats else None, bn.running_var if stats else None,
+                            bn.weight, bn.bias, True, momentum, bn.eps)
     mean = z.mean(dims, keepdim=True)
     var = z.var(dims, unbiased=False, keepdim=True)
-    if bn.track_running_stats and bn.running_mean is not None:
+    if stats:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
