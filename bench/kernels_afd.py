@@ -3,7 +3,9 @@
 ``python bench/kernels.py --op afd [--device cuda] [--batch 1,32,256,1024] [--dtype fp32,bf16]``
 
 Every variant runs in the same process on the same inputs and weights (the module and the input in the
-benchmark dtype). Forward is eval mode under no_grad; forward+backward is train mode with random
+benchmark dtype). Forward is eval mode under no_grad, with two more forward-only variants of the fused
+module that take the host out of the loop: ``fused_compile`` (unless --no-compile) and, on CUDA,
+``fused_cudagraph`` (the eager forward replayed from a CUDA graph); forward+backward is train mode with random
 gradients for x_id and x_age. ``x.clone()`` of the input is the bandwidth yardstick. Figures: median ms,
 GB/s counted as the compulsory traffic (forward: read x, write x_id and x_age; clone: read + write),
 and the speed-ups of the fused module over each baseline.
@@ -84,6 +86,15 @@ def run(args) -> dict:
                 t = time_fn(fwd, device, args.warmup, args.iters)
                 t["GBps"] = 3 * nbytes / t["median_ms"] / 1e6
                 row["forward"][name] = t
+            for name, make in _forward_only_variants(args, fused, x).items():
+                try:
+                    t = time_fn(make(), device, args.warmup, args.iters)
+                except Exception as e:  # recorded, so that one failing variant leaves the others' figures
+                    row["forward"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                    print(f"    fwd {name} failed: {row['forward'][name]['error']}")
+                    continue
+                t["GBps"] = 3 * nbytes / t["median_ms"] / 1e6
+                row["forward"][name] = t
             if not args.no_backward and b > 1:
                 xg = x.detach().clone().requires_grad_()
                 g_id, g_age = torch.randn_like(x), torch.randn_like(x)
@@ -100,13 +111,50 @@ def run(args) -> dict:
                 times = row[phase]
                 if "fused" in times:
                     times["speedup"] = {k: v["median_ms"] / times["fused"]["median_ms"]
-                                        for k, v in times.items() if k != "fused"}
+                                        for k, v in times.items() if k != "fused" and "median_ms" in v}
+                eager = times.get("reference_eager", {}).get("median_ms")
+                if eager:
+                    times["vs_reference_eager"] = {k: eager / v["median_ms"] for k, v in times.items()
+                                                   if k.startswith("fused") and "median_ms" in v}
             if "fused" in row["forward"]:
                 row["forward"]["fused"]["fraction_of_clone_GBps"] = \
                     row["forward"]["fused"]["GBps"] / row["clone"]["GBps"]
             results.append(row)
             _print_row(row)
     return {"op": "afd", "environment": environment(device), "device": device, "results": results}
+
+
+def _forward_only_variants(args, fused, x):
+    """Eval-forward variants of the fused module that take the host out of the loop, each a factory of
+    the timed callable: ``fused_compile`` (torch.compile, one graph with the Triton kernels inlined) and,
+    on CUDA, ``fused_cudagraph`` (the eager forward captured once in a CUDA graph and replayed; the
+    input buffer is fixed, as in a serving loop that copies each batch into it)."""
+    out = {}
+    if not args.no_compile:
+        compiled = torch.compile(fused)
+
+        def compiled_fwd():
+            def fwd():
+                with torch.no_grad():
+                    return compiled(x)
+            return fwd
+        out["fused_compile"] = compiled_fwd
+    if str(args.device).startswith("cuda"):
+        def graphed():
+            fused.eval()
+            with torch.no_grad():
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up off the capture: kernels compiled, operands folded
+                    for _ in range(3):
+                        fused(x)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fused(x)
+            return graph.replay
+        out["fused_cudagraph"] = graphed
+    return out
 
 
 def _print_row(row) -> None:
@@ -116,6 +164,9 @@ def _print_row(row) -> None:
         ups = times.get("speedup", {})
         if ups:
             parts.append("fused speed-up " + ", ".join(f"x{v:.2f} vs {k}" for k, v in ups.items()))
+        vs = {k: v for k, v in times.get("vs_reference_eager", {}).items() if k != "fused"}
+        if vs:
+            parts.append("vs reference eager " + ", ".join(f"{k} x{v:.2f}" for k, v in vs.items()))
         return "; ".join(parts)
 
     print(f"B={row['batch']:5d} {row['dtype']:4s} clone {row['clone']['median_ms']:.3f} ms "

@@ -11,6 +11,9 @@ Ops (``torch.ops.mtlface_fast.*``), each a ``triton_op`` whose PyTorch twin in
 * ``afd_pool_backward`` / ``afd_apply_backward``: their gradients, one pass each; the reductions over
   pixels and channels are per-program fp32 partials summed on the host (deterministic, no atomics).
 
+:func:`pool` and :func:`apply` are what the module calls: the registered op, or in eager inference its
+body run directly (no dispatcher; the same code the op's eager kernel runs).
+
 Every statistic is fp32 (fp64 for fp64 inputs) whatever the input dtype; any input strides
 (contiguous, channels_last, sliced) are read as they are. ``afd_pool`` runs one program per sample (the
 channel max/mean reduce over all channels, so no cross-program reduction is needed); the other kernels run
@@ -19,6 +22,7 @@ sample offsets are int64.
 """
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import torch
@@ -286,11 +290,72 @@ def _shapes_only(x: torch.Tensor) -> bool:
     return isinstance(x, FakeTensor) and not _proxy_tracing()
 
 
+# Host-side launch geometry in plain Python: triton.next_power_of_2 / triton.cdiv are JIT-aware helpers
+# that cost microseconds per call on the host, and these run on every launch.
+def _pow2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+@functools.lru_cache(maxsize=None)
 def _tile(C: int, H: int, W: int, target: int = 4096):
     """(BLOCK_C, BLOCK_P, num_warps): a (BLOCK_C, BLOCK_P) tile of about ``target`` elements."""
-    block_p = triton.next_power_of_2(H * W)
-    block_c = max(1, min(triton.next_power_of_2(C), target // block_p))
+    block_p = _pow2(H * W)
+    block_c = max(1, min(_pow2(C), target // block_p))
     return block_c, block_p, (4 if block_c * block_p <= 2048 else 8)
+
+
+try:  # how the ops' eager CUDA/CPU kernel runs the body (torch/_library/triton.py: backend_fn)
+    from torch._library.triton import set_wrap_triton_enabled as _wrap_triton_enabled
+except ImportError:  # pragma: no cover
+    _wrap_triton_enabled = None
+
+
+def _direct_call_ok(*tensors: torch.Tensor) -> bool:
+    """Whether an eager call may run an op's body itself rather than through the dispatcher (~15 us of
+    host time per op on CPU, more than the kernels take at small batches): real tensors only (no
+    fake, functional or functorch-wrapped ones), nothing to differentiate, no compile, tracing or
+    dispatch mode that has to see the op. The body then runs exactly as the op's eager kernel runs it."""
+    if _wrap_triton_enabled is None or torch.compiler.is_compiling() or _proxy_tracing():
+        return False
+    if getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)() > 0:
+        return False
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if type(t) is not torch.Tensor or (grad and t.requires_grad) or wrapped is None or wrapped(t):
+            return False
+    return True
+
+
+def pool(x: torch.Tensor, concat: bool, with_idx: bool = True
+         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`afd_pool`, called directly in eager inference (see :func:`_direct_call_ok`)."""
+    if _direct_call_ok(x):
+        with _wrap_triton_enabled(False):
+            return _afd_pool(x, concat, with_idx)
+    return afd_pool(x, concat, with_idx)
+
+
+def apply(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor, att_is_age: bool
+          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`afd_apply`, called directly in eager inference (see :func:`_direct_call_ok`)."""
+    if _direct_call_ok(x, cs, ss):
+        with _wrap_triton_enabled(False):
+            return _afd_apply(x, cs, ss, att_is_age)
+    return afd_apply(x, cs, ss, att_is_age)
+
+
+@functools.lru_cache(maxsize=None)
+def _pool_tile(C: int, H: int, W: int, on_gpu: bool):
+    """(BLOCK_C, BLOCK_H, BLOCK_W) of the pooling kernel: a tile of ~2048 elements on GPU; the interpreter
+    prefers few big tiles (8192). Tests force the GPU choice on CPU to cover its channel-block loop."""
+    block_h, block_w = _pow2(H), _pow2(W)
+    target = 2048 if on_gpu else 8192
+    return max(1, min(_pow2(C), target // (block_h * block_w))), block_h, block_w
 
 
 def _check_x(x: torch.Tensor) -> None:
@@ -300,9 +365,8 @@ def _check_x(x: torch.Tensor) -> None:
         raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
 
 
-@triton_op("mtlface_fast::afd_pool", mutates_args=())
-def afd_pool(x: torch.Tensor, concat: bool, with_idx: bool = True
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _afd_pool(x: torch.Tensor, concat: bool, with_idx: bool = True
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pooled inputs of both AFD branches in one pass over ``x``; see :func:`mtlface_fast.layers.afd.pool_torch`.
 
     ``with_idx=False`` (inference) skips the argmax bookkeeping; the index outputs are then empty.
@@ -319,15 +383,15 @@ def afd_pool(x: torch.Tensor, concat: bool, with_idx: bool = True
     sp_idx = torch.empty((B, H, W) if with_idx else (B, 0, 0), device=x.device, dtype=torch.int32)
     if _shapes_only(x):
         return feat, feat_idx, sp, sp_idx
-    block_h, block_w = triton.next_power_of_2(int(H)), triton.next_power_of_2(int(W))
-    # A (BLOCK_C, BLOCK_H, BLOCK_W) tile of ~2048 elements on GPU; the interpreter prefers few big tiles.
-    target = 8192 if not x.is_cuda else 2048
-    block_c = max(1, min(triton.next_power_of_2(int(C)), target // (block_h * block_w)))
+    block_c, block_h, block_w = _pool_tile(int(C), int(H), int(W), x.is_cuda)
     wrap_triton(_afd_pool_fwd_kernel)[(B,)](
         x, feat, feat_idx, sp, sp_idx, C, *x.stride(),
         H=int(H), W=int(W), CONCAT=concat, WITH_IDX=with_idx, BLOCK_C=block_c, BLOCK_H=block_h,
         BLOCK_W=block_w, num_warps=4)
     return feat, feat_idx, sp, sp_idx
+
+
+afd_pool = triton_op("mtlface_fast::afd_pool", mutates_args=())(_afd_pool)
 
 
 @triton_op("mtlface_fast::afd_pool_backward", mutates_args=())
@@ -339,10 +403,10 @@ def afd_pool_backward(x: torch.Tensor, dfeat: torch.Tensor, feat_idx: torch.Tens
     B, C, H, W = x.shape
     dfeat, feat_idx, dsp, sp_idx = dfeat.contiguous(), feat_idx.contiguous(), dsp.contiguous(), sp_idx.contiguous()
     dx = torch.empty_like(x)
-    block_c, block_p, warps = _tile(C, H, W)
+    block_c, block_p, warps = _tile(int(C), int(H), int(W))
     if _shapes_only(x):
         return dx
-    wrap_triton(_afd_pool_bwd_kernel)[(B, triton.cdiv(C, block_c))](
+    wrap_triton(_afd_pool_bwd_kernel)[(B, _cdiv(C, block_c))](
         dfeat, feat_idx, dsp, sp_idx, dx, C, *dx.stride(),
         H=int(H), W=int(W), CONCAT=concat, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
     return dx
@@ -357,12 +421,12 @@ def _check_scales(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor) -> None:
         raise ValueError(f"ss must have shape (B, H, W) = {(B, H, W)}, got {tuple(ss.shape)}")
     if cs.dtype != stats_dtype(x.dtype) or ss.dtype != cs.dtype:
         raise TypeError(f"cs and ss must be {stats_dtype(x.dtype)} for x of {x.dtype}, got {cs.dtype} and {ss.dtype}")
-    check_same_device(x=x, cs=cs, ss=ss)
+    if cs.device != x.device or ss.device != x.device:
+        check_same_device(x=x, cs=cs, ss=ss)
 
 
-@triton_op("mtlface_fast::afd_apply", mutates_args=())
-def afd_apply(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor, att_is_age: bool
-              ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _afd_apply(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor, att_is_age: bool
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(x_id, x_age) in one pass over ``x``; see :func:`mtlface_fast.layers.afd.apply_torch`."""
     _check_scales(x, cs, ss)
     if not _launch_kernels(x):
@@ -371,13 +435,16 @@ def afd_apply(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor, att_is_age: b
     cs, ss = cs.contiguous(), ss.contiguous()
     x_id = torch.empty_like(x)
     x_age = torch.empty_like(x)
-    block_c, block_p, warps = _tile(C, H, W)
+    block_c, block_p, warps = _tile(int(C), int(H), int(W))
     if _shapes_only(x):
         return x_id, x_age
-    wrap_triton(_afd_apply_fwd_kernel)[(B, triton.cdiv(C, block_c))](
+    wrap_triton(_afd_apply_fwd_kernel)[(B, _cdiv(C, block_c))](
         x, cs, ss, x_id, x_age, C, *x.stride(), *x_id.stride(),
         H=int(H), W=int(W), ATT_IS_AGE=att_is_age, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
     return x_id, x_age
+
+
+afd_apply = triton_op("mtlface_fast::afd_apply", mutates_args=())(_afd_apply)
 
 
 @triton_op("mtlface_fast::afd_apply_backward", mutates_args=())
@@ -388,8 +455,8 @@ def afd_apply_backward(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor, g_id
         return apply_backward_torch(x, cs, ss, g_id, g_age, att_is_age)
     B, C, H, W = x.shape
     cs, ss = cs.contiguous(), ss.contiguous()
-    block_c, block_p, warps = _tile(C, H, W)
-    nblk = triton.cdiv(C, block_c)
+    block_c, block_p, warps = _tile(int(C), int(H), int(W))
+    nblk = _cdiv(C, block_c)
     dx = torch.empty_like(x)
     dcs = torch.empty((B, C), device=x.device, dtype=cs.dtype)
     dss_part = torch.empty((B, nblk, H, W), device=x.device, dtype=cs.dtype)

@@ -25,7 +25,6 @@ from torch import nn
 
 from ..backend import use_triton_for
 from ..reference.afd import SPP_SIZES, AttentionModule
-from .trunk import FoldCache
 
 SPP_BINS = sum(s * s for s in SPP_SIZES)  # 14 pooled values per channel and pooling kind
 MAX_PIXELS = 4096  # H*W of one feature map held by one kernel tile row (64x64)
@@ -147,14 +146,28 @@ def pool_backward_torch(x: torch.Tensor, dfeat: torch.Tensor, feat_idx: torch.Te
 # ----------------------------------------------------------------------------------------------------
 
 def _batch_norm_train(z: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """BatchNorm with fp32 batch statistics over all dims but 1; running stats updated as nn.BatchNorm2d."""
+    """BatchNorm with fp32 batch statistics over all dims but 1; running stats updated as nn.BatchNorm2d.
+
+    When the module's affine parameters and statistics have z's dtype (fp32 weights, also under autocast)
+    this is ``F.batch_norm``, the function ``nn.BatchNorm2d`` itself calls: one op (forward and backward)
+    instead of a dozen. Otherwise (a low-precision module) it is spelled out, statistics in z's dtype.
+    """
     dims = [d for d in range(z.dim()) if d != 1]
     n = z.numel() // z.shape[1]
     if n <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(z.shape)}")
+    stats = bn.track_running_stats and bn.running_mean is not None
+    if all(t is None or t.dtype == z.dtype for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)):
+        momentum = 0.0
+        if stats:
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        return F.batch_norm(z, bn.running_mean if stats else None, bn.running_var if stats else None,
+                            bn.weight, bn.bias, True, momentum, bn.eps)
     mean = z.mean(dims, keepdim=True)
     var = z.var(dims, unbiased=False, keepdim=True)
-    if bn.track_running_stats and bn.running_mean is not None:
+    if stats:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             momentum = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
@@ -193,7 +206,10 @@ class FusedAttentionModule(AttentionModule):
         if pooled // reduction < 1:
             raise ValueError(f"reduction {reduction} leaves no hidden unit for {pooled} pooled features")
         super().__init__(channels, reduction, variant)
-        self._fold_caches = {}  # compute dtype -> FoldCache of the eval-mode GEMM/conv operands
+        # Eval-mode GEMM/conv operands per compute dtype, valid while the key of their source tensors holds
+        # (each source's (data_ptr, version): an in-place change bumps the version, a new tensor has a new
+        # address; the kept sources hold their storages, so that no later tensor can take such an address).
+        self._eval_key, self._eval_keep, self._eval_ops = None, (), {}
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -219,12 +235,39 @@ class FusedAttentionModule(AttentionModule):
         return dict(w1=self.channel[0].weight.flatten(1).to(compute_dtype), w2=w2.to(compute_dtype),
                     b2=b2.to(acc), ws=ws.to(acc), bs=bs.to(acc))
 
+    def _fold_sources(self) -> Tuple[Tuple[torch.Tensor, ...], Tuple[float, float]]:
+        """Every tensor and the two BN epsilons that :meth:`_build_eval` reads. Runs on every eval forward,
+        so it reads the module dicts directly (Sequential indexing and nn.Module attribute lookup cost
+        microseconds each)."""
+        ch, sp = self._modules["channel"]._modules, self._modules["spatial"]._modules
+        c3, s1 = ch["3"], sp["1"]
+        p3, b3, p1, b1 = c3._parameters, c3._buffers, s1._parameters, s1._buffers
+        return ((ch["0"]._parameters["weight"], ch["2"]._parameters["weight"], p3["weight"], p3["bias"],
+                 b3["running_mean"], b3["running_var"], sp["0"]._parameters["weight"], p1["weight"], p1["bias"],
+                 b1["running_mean"], b1["running_var"]), (c3.eps, s1.eps))
+
     def _eval_operands(self, compute_dtype: torch.dtype):
-        """BN-folded operands in the compute dtype, cached until a parameter or statistic changes."""
+        """BN-folded operands in the compute dtype, cached until a parameter or statistic changes.
+
+        Built inline (differentiable, traceable) under torch.compile or when a parameter wants a gradient,
+        and on every call for parameters made under ``torch.inference_mode`` (which have no version counter).
+        """
         if torch.compiler.is_compiling():
             return self._build_eval(compute_dtype)
-        cache = self._fold_caches.setdefault(compute_dtype, FoldCache())
-        return cache.get(self, lambda: self._build_eval(compute_dtype))
+        sources, eps = self._fold_sources()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return self._build_eval(compute_dtype)
+        if any(t.is_inference() for t in sources):  # made under inference_mode: no version counters to key on
+            with torch.no_grad():
+                return self._build_eval(compute_dtype)
+        key = (tuple((t.data_ptr(), t._version) for t in sources), sources[0].device, eps)
+        if key != self._eval_key:
+            self._eval_key, self._eval_keep, self._eval_ops = key, tuple(t.detach() for t in sources), {}
+        operands = self._eval_ops.get(compute_dtype)
+        if operands is None:
+            with torch.no_grad():
+                operands = self._eval_ops[compute_dtype] = self._build_eval(compute_dtype)
+        return operands
 
     def branch_scales(self, feat: torch.Tensor, sp: torch.Tensor, compute_dtype: torch.dtype
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -241,10 +284,12 @@ class FusedAttentionModule(AttentionModule):
             s = F.conv2d(sp, self.spatial[0].weight.to(acc), padding=pad).to(acc)  # (autocast may lower it)
             ss = torch.sigmoid(_batch_norm_train(s, self.spatial[1]))
         else:
+            # Fewest ops on the host: the fp32 bias add promotes a low-precision GEMM output exactly as
+            # .to(fp32) would, and the activations run in place on tensors made here.
             p = self._eval_operands(compute_dtype)
-            h = F.relu(F.linear(feat.to(compute_dtype), p["w1"]))
-            cs = torch.sigmoid(F.linear(h, p["w2"]).to(acc) + p["b2"])
-            ss = torch.sigmoid(F.conv2d(sp, p["ws"], p["bs"], padding=pad).to(acc))
+            h = F.linear(feat.to(compute_dtype), p["w1"]).relu_()
+            cs = (F.linear(h, p["w2"]) + p["b2"]).sigmoid_()
+            ss = F.conv2d(sp, p["ws"], p["bs"], padding=pad).to(acc).sigmoid_()
         return cs, ss[:, 0]
 
     def forward(self, x: torch.Tensor):
@@ -253,7 +298,7 @@ class FusedAttentionModule(AttentionModule):
         att_is_age = self.variant == "cvpr"
         if use_triton_for(x):
             from ..kernels import afd as ops
-            pool, apply = ops.afd_pool, ops.afd_apply
+            pool, apply = ops.pool, ops.apply
         else:
             pool, apply = pool_torch, apply_torch
         with_idx = torch.is_grad_enabled() and x.requires_grad  # argmax bookkeeping only for backward
