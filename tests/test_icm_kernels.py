@@ -242,6 +242,23 @@ def test_bad_inputs_raise_clear_errors():
         CompactAgingModule(7, 1, 0.1, 8, bn_stats="none")
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_training_and_inference_follow_the_backend_switch(monkeypatch, train):
+    # Where the switch picks the Triton kernels (auto on CUDA), training takes them as inference does, under
+    # the auto backend too (on CUDA this runs with CUDA tensors).
+    from mtlface_fast.layers import icm as icm_layer
+
+    _, fast = _pair("cvpr", 4, 0.25, unit=8, cin=12, repeat=1, seed=16)
+    fast.to(DEV).train(train)
+    calls = []
+    monkeypatch.setattr(icm_layer, "use_triton_for", lambda t: True)
+    monkeypatch.setattr(icm_layer, "compact_icm_triton", lambda m, x, g, s: calls.append(s) or x)
+    x = torch.randn(3, 12, 3, 3, device=DEV, requires_grad=True)
+    with use_backend("auto"):
+        fast.icm(x, torch.tensor([0, 3, 3], device=DEV))
+    assert calls == ["reference"]
+
+
 def test_state_dict_and_windows_unchanged():
     ref = AgingModule(7, 4, 0.1)
     fast = CompactAgingModule(7, 4, 0.1)
