@@ -97,13 +97,20 @@ def kink_free_input(module, groups, shape, dev, margin=KINK_MARGIN, first_seed=0
 
 
 
-def icm(dev, first_seed=0):
+# First input seeds that keep KINK_MARGIN in a float64 CPU forward (eval, train): the search starts there so
+# that it costs one probe (it moves on if the device's float64 pass disagrees); under compute-sanitizer each
+# probe is slow.
+ICM_SEEDS = (65, 50)
+
+
+def icm(dev, first_seed=None):
     for train in (False, True):
         ref = randomize_(reference.AgingModule(7), seed=2).to(dev).train(train)
         fast = getattr(layers, "CompactAgingModule")(7).to(dev).train(train)
         fast.load_state_dict(ref.state_dict())
         g = torch.tensor([6, 0, 3, 3, 1], device=dev)
-        x, seed, gap = kink_free_input(ref, g, (5, 512, 7, 7), dev, first_seed=first_seed)
+        start = ICM_SEEDS[train] if first_seed is None else first_seed
+        x, seed, gap = kink_free_input(ref, g, (5, 512, 7, 7), dev, first_seed=start)
         print(f"icm {'train' if train else 'eval'}: input seed {seed}, activations >= {gap:.1e} RMS from the kink")
         x.requires_grad_(True)
         xf = x.detach().clone().requires_grad_(True)
@@ -136,7 +143,7 @@ def _icm_train_module(dev, triton_path, repeat_num=4, batch=5, size=7):
     fast = getattr(layers, "CompactAgingModule")(7, repeat_num).to(dev).train()
     fast.load_state_dict(ref.state_dict())
     g = torch.tensor([6, 0, 3, 3, 1, 5, 2, 4][:batch], device=dev)
-    x, _, _ = kink_free_input(ref, g, (batch, 512, size, size), dev, first_seed=100)
+    x, _, _ = kink_free_input(ref, g, (batch, 512, size, size), dev, first_seed=106)
     x.requires_grad_(True)
     xf = x.detach().clone().requires_grad_(True)
     r = ref.icm(x, g)

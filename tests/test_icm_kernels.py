@@ -353,7 +353,7 @@ def test_triton_weight_grad_is_deterministic_and_poison_free(ieee_fp32):
 @triton_only
 @pytest.mark.parametrize("layer", LAYERS[:3])  # the op schema and fake kernel do not depend on the window flags
 def test_triton_ops_opcheck(layer):
-    x, w, b, offsets, starts, unit, iw, ow = _layer_args(layer, B=3, seed=4)
+    x, w, b, offsets, starts, unit, iw, ow = _layer_args(layer, G=3, unit=4, sigma=0.5, B=3, seed=4)
     torch.library.opcheck(torch.ops.mtlface_fast.icm_conv.default,
                           (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), offsets, starts, unit, iw, ow))
     C = w.size(0)
