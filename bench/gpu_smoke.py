@@ -96,7 +96,6 @@ def kink_free_input(module, groups, shape, dev, margin=KINK_MARGIN, first_seed=0
     raise RuntimeError(f"no input in {tries} seeds keeps every activation {margin} away from its kink")
 
 
-
 # First input seeds that keep KINK_MARGIN in a float64 CPU forward (eval, train): the search starts there so
 # that it costs one probe (it moves on if the device's float64 pass disagrees); under compute-sanitizer each
 # probe is slow.
