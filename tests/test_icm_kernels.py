@@ -1,6 +1,7 @@
 """Compact ICM (per-group windows) against the reference ICM: PyTorch path and Triton kernels."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -241,6 +242,23 @@ def test_bad_inputs_raise_clear_errors():
         CompactAgingModule(7, 1, 0.1, 8, bn_stats="none")
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_training_and_inference_follow_the_backend_switch(monkeypatch, train):
+    # Where the switch picks the Triton kernels (auto on CUDA), training takes them as inference does, under
+    # the auto backend too (on CUDA this runs with CUDA tensors).
+    from mtlface_fast.layers import icm as icm_layer
+
+    _, fast = _pair("cvpr", 4, 0.25, unit=8, cin=12, repeat=1, seed=16)
+    fast.to(DEV).train(train)
+    calls = []
+    monkeypatch.setattr(icm_layer, "use_triton_for", lambda t: True)
+    monkeypatch.setattr(icm_layer, "compact_icm_triton", lambda m, x, g, s: calls.append(s) or x)
+    x = torch.randn(3, 12, 3, 3, device=DEV, requires_grad=True)
+    with use_backend("auto"):
+        fast.icm(x, torch.tensor([0, 3, 3], device=DEV))
+    assert calls == ["reference"]
+
+
 def test_state_dict_and_windows_unchanged():
     ref = AgingModule(7, 4, 0.1)
     fast = CompactAgingModule(7, 4, 0.1)
@@ -273,8 +291,9 @@ def _plan(groups, G, unit, sigma):
     return order, offsets, torch.tensor(starts, dtype=torch.int32)
 
 
-# (C_in full, kernel, in_win, out_win): 3x3 block, conv1 (512-like -> window), conv2 (window -> full)
-LAYERS = [(None, 3, True, True), (10, 1, False, True), (None, 1, True, False)]
+# (C_in full, kernel, in_win, out_win): 3x3 block, conv1 (512-like -> window), conv2 (window -> full), and the
+# 3x3 block with full-width output (training with reference BatchNorm statistics)
+LAYERS = [(None, 3, True, True), (10, 1, False, True), (None, 1, True, False), (None, 3, True, False)]
 
 
 def _layer_args(layer, G=4, unit=8, sigma=0.25, B=5, dtype=torch.float32, seed=0):
@@ -282,7 +301,7 @@ def _layer_args(layer, G=4, unit=8, sigma=0.25, B=5, dtype=torch.float32, seed=0
     gen = torch.Generator().manual_seed(seed)
     C, _ = router_windows(unit, G, sigma)
     cin_full = cin_full or C
-    cout = C if ow else 10
+    cout = C if ow or ks == 3 else 10  # a 3x3 layer maps conv_dim to conv_dim, windowed or not
     groups = torch.randint(0, G, (B,), generator=gen)
     _, offsets, starts = _plan(groups, G, unit, sigma)
     x = torch.randn(B, unit if iw else cin_full, 3, 4, generator=gen, dtype=dtype)
@@ -332,9 +351,9 @@ def test_triton_weight_grad_is_deterministic_and_poison_free(ieee_fp32):
 
 
 @triton_only
-@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("layer", LAYERS[:3])  # the op schema and fake kernel do not depend on the window flags
 def test_triton_ops_opcheck(layer):
-    x, w, b, offsets, starts, unit, iw, ow = _layer_args(layer, B=3, seed=4)
+    x, w, b, offsets, starts, unit, iw, ow = _layer_args(layer, G=3, unit=4, sigma=0.5, B=3, seed=4)
     torch.library.opcheck(torch.ops.mtlface_fast.icm_conv.default,
                           (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), offsets, starts, unit, iw, ow))
     C = w.size(0)
@@ -376,6 +395,90 @@ def test_triton_poisoned_output_is_fully_written(monkeypatch, ieee_fp32):
     assert_close(y, K._ref_conv(x, w, b, offsets, starts, unit, iw, ow), name="icm_conv")
 
 
+@contextlib.contextmanager
+def _program_order(order):
+    """Run the interpreter's programs in another order: "reversed" maps program id (x, y, z) of a grid to
+    (X-1-x, Y-1-y, Z-1-z). On a GPU programs run concurrently and in any order; a kernel whose result
+    depends on the order (one program reading what another writes, a read-modify-write of a shared buffer)
+    changes its result here."""
+    from triton.runtime import interpreter
+
+    builder_type = type(interpreter.interpreter_builder)
+    original = builder_type.set_grid_idx
+
+    def set_grid_idx(self, x, y, z):
+        gx, gy, gz = self.grid_dim
+        if order == "reversed":
+            x, y, z = gx - 1 - x, gy - 1 - y, gz - 1 - z
+        original(self, x, y, z)
+
+    builder_type.set_grid_idx = set_grid_idx
+    try:
+        yield
+    finally:
+        builder_type.set_grid_idx = original
+
+
+@contextlib.contextmanager
+def _only_config(kernel, config):
+    """Autotune ``kernel`` over ``config`` alone (the interpreter otherwise runs only the first config)."""
+    saved = kernel.configs, kernel.cache
+    kernel.configs, kernel.cache = [config], {}
+    try:
+        yield
+    finally:
+        kernel.configs, kernel.cache = saved
+
+
+def _kernel_results(x, w, b, offsets, starts, unit, iw, ow, dy):
+    return (K.icm_conv(x, w, b, offsets, starts, unit, iw, ow),
+            K.icm_conv_grad_input(dy, w, offsets, starts, unit, iw, ow, x.size(1)),
+            K.icm_conv_grad_weight(dy, x, w, offsets, starts, unit, iw, ow))
+
+
+needs_interpreter = pytest.mark.skipif(DEV == "cuda" or not _runs_kernels,
+                                       reason="reorders the Triton interpreter's programs (CPU, TRITON_INTERPRET=1)")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layer", LAYERS)
+def test_triton_kernels_do_not_depend_on_program_order(layer):
+    x, w, b, offsets, starts, unit, iw, ow = _layer_args(layer, G=7, unit=8, sigma=0.1, B=5, seed=11)
+    offsets = torch.tensor([0, 1, 2, 2, 4, 4, 4, 5], dtype=torch.int32)  # groups 0, 1, 3, 3, 6 (one sample each but 3)
+    dy = torch.randn(x.size(0), unit if ow else w.size(0), 3, 4)
+    in_order = _kernel_results(x, w, b, offsets, starts, unit, iw, ow, dy)
+    with _program_order("reversed"):
+        reordered = _kernel_results(x, w, b, offsets, starts, unit, iw, ow, dy)
+    for a, e, name in zip(reordered, in_order, ("icm_conv", "grad input", "grad weight")):
+        assert torch.equal(a, e), f"{name}: result depends on the order of the programs"
+
+
+@triton_only
+def test_triton_train_layer_every_autotune_config(ieee_fp32):
+    # The GPU autotunes over every config; the interpreter otherwise runs only the first. The 3x3 block with
+    # full-width output (training) at a width that no block size divides, with a group held by one sample.
+    x, w, b, offsets, starts, unit, iw, ow = _layer_args(LAYERS[3], G=7, unit=8, sigma=0.1, B=5, seed=12)
+    offsets = torch.tensor([0, 1, 2, 2, 4, 4, 4, 5], dtype=torch.int32, device=DEV)
+    dy = torch.randn(x.size(0), w.size(0), 3, 4, device=DEV)
+    expected = (K._ref_conv(x, w, b, offsets, starts, unit, iw, ow),
+                K._ref_grad_input(dy, w, offsets, starts, unit, iw, ow, x.size(1)),
+                K._ref_grad_weight(dy, x, w, offsets, starts, unit, iw, ow))
+    fwd, wgrad = K._icm_conv_fwd_kernel, K._icm_conv_wgrad_kernel
+    tiles = {}
+    for cfg in K._conv_configs():  # warps and stages do not change what the interpreter computes
+        tiles.setdefault((cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]), cfg)
+    for cfg in tiles.values():
+        with _only_config(fwd, cfg):
+            y = K.icm_conv(x, w, b, offsets, starts, unit, iw, ow)
+            dx = K.icm_conv_grad_input(dy, w, offsets, starts, unit, iw, ow, x.size(1))
+        assert_close(y, expected[0], name=f"icm_conv, config {cfg}")
+        assert_close(dx, expected[1], name=f"grad input, config {cfg}")
+    for cfg in K._wgrad_configs():
+        with _only_config(wgrad, cfg):
+            got = K.icm_conv_grad_weight(dy, x, w, offsets, starts, unit, iw, ow)
+        assert_close(got, expected[2], name=f"grad weight, config {cfg}")
+
+
 TRITON_MODULE_CASES = [("cvpr", "reference", 0.1, 7, 5, "all"), ("cvpr", "reference", 0.3, 4, 6, "one"),
                        ("cvpr", "active", 0.125, 4, 5, "mixed"), ("tpami", "reference", 0.125, 7, 1, "mixed")]
 
@@ -399,6 +502,31 @@ def test_triton_module_matches_reference(variant, bn_stats, sigma, G, B, kind, i
     w = torch.randn_like(yr)
     (yr * w).sum().backward()
     (yf * w).sum().backward()
+    assert_close(xf.grad, xr.grad, name="grad x_id")
+    _grads_match(fast, ref)
+    _buffers_match(fast, ref)
+
+
+@triton_only
+@pytest.mark.parametrize("order", ["reversed"] if DEV == "cpu" else ["launch"])
+def test_triton_deep_train_icm_matches_reference(order, ieee_fp32):
+    # The GPU smoke configuration in miniature: stacked residual blocks, training-mode BatchNorm with reference
+    # statistics, groups 6, 0, 3, 3, 1 (sigma 0.1: channels held by one sample only, the last channel by none),
+    # and on CPU the interpreter's programs in reversed order.
+    ref = randomize_(ICMBase(12, 7, 8, 0.1, 2), seed=15)
+    fast = CompactBase(12, 7, 8, 0.1, 2)
+    fast.load_state_dict(ref.state_dict())
+    ref, fast = ref.to(DEV).train(), fast.to(DEV).train()
+    x = torch.randn(5, 12, 3, 3, device=DEV)
+    g = torch.tensor([6, 0, 3, 3, 1], device=DEV)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yr = ref.icm(xr, g)
+    w = torch.randn_like(yr)
+    (yr * w).sum().backward()
+    with use_backend("triton"), (_program_order(order) if order == "reversed" else contextlib.nullcontext()):
+        yf = fast.icm(xf, g)
+        (yf * w).sum().backward()
+    assert_close(yf, yr, name="train")
     assert_close(xf.grad, xr.grad, name="grad x_id")
     _grads_match(fast, ref)
     _buffers_match(fast, ref)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backend import get_backend, use_triton_for
+from ..backend import use_triton_for
 from ..reference.icm import AgingModule, ICMBase
 
 BN_STATS = ("reference", "active")
@@ -566,13 +566,7 @@ class CompactICM:
         bn_stats = check_bn_stats(self.bn_stats)
         if x_id.size(0) == 0:
             return ICMBase.icm(self, x_id, groups)
-        triton_path = use_triton_for(x_id)
-        if triton_path and x_id.is_cuda and get_backend() == "auto" and self.training and torch.is_grad_enabled():
-            # Training on CUDA under "auto" takes the PyTorch compact path: the Triton training path (window
-            # -> full-width convolutions for reference statistics) matches the reference in the interpreter
-            # but not yet on an H200 at full size (gradients off by up to ~1e-2); inference is exact there.
-            triton_path = False
-        if triton_path or torch.compiler.is_compiling():
+        if use_triton_for(x_id) or torch.compiler.is_compiling():
             # Traced CPU graphs take the op path too (the ops' aten bodies): the per-group PyTorch loop
             # needs the group counts on the host.
             return compact_icm_triton(self, x_id, groups, bn_stats)
