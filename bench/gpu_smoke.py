@@ -143,7 +143,13 @@ def _icm_train_module(dev, triton_path, repeat_num=4, batch=5, size=7):
     fast.load_state_dict(ref.state_dict())
     g = torch.tensor([6, 0, 3, 3, 1, 5, 2, 4][:batch], device=dev)
     x, _, _ = kink_free_input(ref, g, (batch, 512, size, size), dev, first_seed=106)
-    x.requires_grad_(True)
+    return _icm_pair(ref, fast, x, g, triton_path)
+
+
+def _icm_pair(ref, fast, x, g, triton_path):
+    """Both modules' ICM forward and backward under one random output weighting; the fast one on the Triton
+    or the PyTorch compact path."""
+    x = x.detach().requires_grad_(True)
     xf = x.detach().clone().requires_grad_(True)
     r = ref.icm(x, g)
     w = torch.randn_like(r)
@@ -216,16 +222,9 @@ def _icm_train_module_small(dev, triton_path):
     ref = randomize_(ICMBase(12, 7, 8, 0.1, 2), seed=2).to(dev).train()
     fast = Compact(12, 7, 8, 0.1, 2).to(dev).train()
     fast.load_state_dict(ref.state_dict())
-    x = torch.randn(5, 12, 3, 3, device=dev, requires_grad=True)
-    xf = x.detach().clone().requires_grad_(True)
+    x = torch.randn(5, 12, 3, 3, device=dev)
     g = torch.tensor([6, 0, 3, 3, 1], device=dev)
-    r = ref.icm(x, g)
-    w = torch.randn_like(r)
-    (r * w).sum().backward()
-    with use_backend("triton" if triton_path else "torch"):
-        f = fast.icm(xf, g)
-        (f * w).sum().backward()
-    return ref, fast, (r, f), (x.grad, xf.grad)
+    return _icm_pair(ref, fast, x, g, triton_path)
 
 
 def _cfg(cfg):
