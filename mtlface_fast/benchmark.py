@@ -59,23 +59,46 @@ def time_fn(fn: Callable[[], object], device: str, warmup: int = 3, iters: int =
     times: List[float] = []
     start_all = time.perf_counter()
     while len(times) < iters or (time.perf_counter() - start_all) < min_time_s:
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(time_once(fn, device))
         if len(times) >= 10 * iters:
             break
-    times.sort()
+    return summarize(times)
+
+
+def summarize(times: List[float]) -> Dict[str, float]:
+    """Median, 20/80% quantiles and minimum of a list of times in ms."""
+    times = sorted(times)
     q = lambda p: times[min(len(times) - 1, int(p * (len(times) - 1) + 0.5))]  # noqa: E731
     return {"median_ms": statistics.median(times), "p20_ms": q(0.2), "p80_ms": q(0.8), "min_ms": times[0],
             "iters": len(times)}
+
+
+def time_once(fn: Callable[[], object], device: str) -> float:
+    """One call of ``fn`` in ms (CUDA events on GPU, perf_counter on CPU)."""
+    if device.startswith("cuda"):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: str, iters: int = 10) -> Dict[str, Dict]:
+    """Time already warmed-up callables in rounds, one call of each per round (the order rotating from round
+    to round), so that a machine whose speed drifts (shared CPUs, clocks) slows every variant alike and
+    their ratios stay meaningful. Returns :func:`summarize` of each."""
+    names = list(fns)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(iters):
+        for i in range(len(names)):
+            n = names[(i + r) % len(names)]
+            times[n].append(time_once(fns[n], device))
+    return {n: summarize(t) for n, t in times.items()}
 
 
 def write_results(name: str, payload: Dict, results_dir: str = RESULTS_DIR) -> str:

@@ -17,9 +17,10 @@ one process on the same weights and inputs:
 ``--arch tpami`` times the TPAMI model instead (encode with flip TTA, StyleGAN2 decoder with the stored
 noise maps); results go to ``throughput-<device>-<dtype>-tpami-*.json``.
 
-Each is warmed up, then timed (CUDA events on GPU, wall clock on CPU); the JSON under bench/results/
-holds medians and quantiles, images/s, ratios to the reference variants and peak memory, and a PNG bar
-chart is written beside it.
+Each is warmed up, then the variants of a task and batch are timed in interleaved rounds (one call of
+each per round; CUDA events on GPU, wall clock on CPU), so that a drifting machine slows them alike. The
+JSON under bench/results/ holds medians and quantiles, images/s, ratios to the reference variants and
+peak memory (taken during the warm-up), and a PNG bar chart is written beside it.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from .benchmark import RESULTS_DIR, environment, time_fn, write_results
+from .benchmark import RESULTS_DIR, environment, time_interleaved, write_results
 
 TASKS = ("encode", "synthesize", "synthesize_all", "train_step")
 VARIANTS = ("reference", "reference_autocast", "reference_compile", "reference_x7", "ours", "ours_compile",
@@ -206,30 +207,61 @@ def run(args) -> Dict:
              if not (v == "reference_x7" and t != "synthesize_all")
              and not (v == "ours_cudagraphs" and not device.startswith("cuda"))
              and not (v == "ours_tensorrt" and t not in ("encode", "synthesize"))]
+    # Per (task, batch): every variant is built from the same weights and warmed up (its peak memory is taken
+    # there), then all are timed in interleaved rounds, so that drift of the machine's speed hits them alike.
+    groups: Dict[tuple, List[str]] = {}
+    for task, batch, variant in cases:
+        groups.setdefault((task, batch), []).append(variant)
     results: List[Dict] = []
     try:
         from tqdm import tqdm
-        bar = tqdm(cases, desc="throughput", unit="case", file=sys.stderr)
+        bar = tqdm(total=len(cases), desc="throughput", unit="case", file=sys.stderr)
     except ImportError:  # pragma: no cover
-        bar = cases
-    for task, batch, variant in bar:
-        if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{task} B={batch} {variant}")
-        for m in models.values():  # every variant starts from the same weights
-            m.load_state_dict(initial)
+        bar = None
+    for (task, batch), names in groups.items():
         g = torch.Generator().manual_seed(args.seed + batch)
         x = torch.randn(batch, 3, args.input_size, args.input_size, generator=g).clamp_(-1, 1).to(device)
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
+        fns, rows = {}, {}
+        for variant in names:
+            if bar is not None:
+                bar.set_postfix_str(f"{task} B={batch} {variant} (warm-up)")
+            for m in models.values():  # every variant starts from the same weights
+                m.load_state_dict(initial)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                fn = build_cases(task, variant, models, x, dtype, device, args.age_group)
+                for _ in range(args.warmup):
+                    fn()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+            except Exception as exc:  # a variant that cannot run here is recorded, not fatal
+                rows[variant] = dict(task=task, batch=batch, variant=variant, error=f"{type(exc).__name__}: {exc}")
+                continue
+            fns[variant] = fn
+            rows[variant] = dict(task=task, batch=batch, variant=variant,
+                                 peak_memory_mb=round(_peak_memory_mb(device), 1))
+        if bar is not None:
+            bar.set_postfix_str(f"{task} B={batch} timing {len(fns)} variants")
         try:
-            fn = build_cases(task, variant, models, x, dtype, device, args.age_group)
-            stats = time_fn(fn, device, warmup=args.warmup, iters=args.iters)
-        except Exception as exc:  # a variant that cannot run here is recorded, not fatal
-            results.append(dict(task=task, batch=batch, variant=variant, error=f"{type(exc).__name__}: {exc}"))
-            continue
+            timed = time_interleaved(fns, device, iters=args.iters)
+        except Exception as exc:  # pragma: no cover - a variant that fails only after its warm-up
+            timed = {}
+            for v in fns:
+                rows[v] = dict(task=task, batch=batch, variant=v, error=f"{type(exc).__name__}: {exc}")
         per = batch * (args.age_group if task == "synthesize_all" else 1)
-        results.append(dict(task=task, batch=batch, variant=variant, images_per_s=per / (stats["median_ms"] / 1e3),
-                            peak_memory_mb=round(_peak_memory_mb(device), 1), **stats))
+        for variant in names:
+            row = rows[variant]
+            if variant in timed:
+                stats = timed[variant]
+                row = dict(task=task, batch=batch, variant=variant, images_per_s=per / (stats["median_ms"] / 1e3),
+                           peak_memory_mb=row["peak_memory_mb"], **stats)
+            results.append(row)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
     for r in results:  # ratios against the reference variants of the same task and batch
         for base in ("reference", "reference_autocast", "reference_compile", "reference_x7"):
             other = next((o for o in results if o["task"] == r["task"] and o["batch"] == r["batch"]
@@ -258,7 +290,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", type=int, default=112)
     p.add_argument("--age-group", type=int, default=7)
     p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (cpu 1, cuda 5)")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations (cpu 3, cuda 20)")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations (cpu 5, cuda 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON and PNG (bench/results)")
     p.add_argument("--no-save", action="store_true", help="print only")
@@ -275,7 +307,7 @@ def execute(args) -> int:
     cuda = args.device.startswith("cuda")
     args.batch = args.batch or ("1,64,256" if cuda else "8")
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    args.iters = args.iters if args.iters is not None else (20 if cuda else 3)
+    args.iters = args.iters if args.iters is not None else (20 if cuda else 5)
     payload = run(args)
     print(f"{'task':15s} {'B':>4s} {'variant':20s} {'median ms':>10s} {'img/s':>9s}  speedup vs reference")
     for r in payload["results"]:
