@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import resource
 import sys
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F

@@ -18,7 +18,7 @@ import torch._inductor
 import torch._inductor.config
 from mtlface_fast import MTLFace, reference
 from mtlface_fast.export import ExportSpec, example_inputs, export_aoti, load_aoti
-from tests.utils import TOLERANCES, assert_close, max_rel_err, randomize_
+from tests.utils import assert_close, assert_encodes_like, check_low_precision, randomize_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INPUT_SIZE = 32
@@ -78,13 +78,7 @@ def test_aoti_recognition_parity(models, package, loaded, batch):
     assert loaded.spec == spec
     (images,) = example_inputs(spec, "cpu", batch=batch, seed=20 + batch)
     embedding, age = loaded(images)
-    with torch.no_grad():
-        want = fast.encode(images)
-        oracle = ref.encode(images)
-    assert_close(embedding, want.embedding, torch.float32, "embedding vs fast model")
-    assert_close(age, want.age, torch.float32, "age vs fast model")
-    assert_close(embedding, oracle.embedding, torch.float32, "embedding vs reference")
-    assert_close(age, oracle.age, torch.float32, "age vs reference")
+    assert_encodes_like(embedding, age, images, fast, ref)
 
 
 def test_aoti_refusals(models, package, loaded, tmp_path):
@@ -167,10 +161,6 @@ def test_aoti_cuda_package_parity(tmp_path, dtype):
         with torch.no_grad():
             want = fast.encode(images.float())
             low = lowp.encode(images)
-        for name, got, exp, base in (("embedding", embedding, want.embedding, low.embedding),
-                                     ("age", age, want.age, low.age)):
-            # Within twice the error of PyTorch in the same dtype, or the bf16 tolerance (TF32 convolutions).
-            err, ref_err = max_rel_err(got.float(), exp), max_rel_err(base.float(), exp)
-            limit = max(2 * ref_err, TOLERANCES[torch.bfloat16][0])
-            assert torch.isfinite(got).all() and err <= limit, \
-                f"cuda {dtype} {name}, batch {batch}: error {err:.3e} > {limit:.3e} (PyTorch {ref_err:.3e})"
+        tag = f"cuda {dtype}, batch {batch}"
+        check_low_precision(embedding, want.embedding, low.embedding, dtype, f"{tag} embedding")
+        check_low_precision(age, want.age, low.age, dtype, f"{tag} age")

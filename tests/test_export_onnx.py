@@ -7,7 +7,7 @@ import torch
 
 from mtlface_fast import MTLFace, reference
 from mtlface_fast.export import ExportSpec, example_inputs, export_onnx, load_onnx
-from tests.utils import assert_close, randomize_
+from tests.utils import assert_close, assert_encodes_like, randomize_
 
 onnx = pytest.importorskip("onnx", reason="the ONNX target needs onnx (pip install 'mtlface-fast[onnx]')")
 pytest.importorskip("onnxruntime", reason="the ONNX target needs onnxruntime (pip install 'mtlface-fast[onnx]')")
@@ -57,13 +57,7 @@ def test_onnx_recognition_parity(models, exported, batch):
     assert runner.spec == spec
     (images,) = example_inputs(spec, "cpu", batch=batch, seed=10 + batch)
     embedding, age = runner(images)
-    with torch.no_grad():
-        want = fast.encode(images)
-        oracle = ref.encode(images)
-    assert_close(embedding, want.embedding, torch.float32, "embedding vs fast model")
-    assert_close(age, want.age, torch.float32, "age vs fast model")
-    assert_close(embedding, oracle.embedding, torch.float32, "embedding vs reference")
-    assert_close(age, oracle.age, torch.float32, "age vs reference")
+    assert_encodes_like(embedding, age, images, fast, ref)
 
 
 def test_onnx_synthesis_parity(models, exported):

@@ -12,7 +12,7 @@ from mtlface_fast import MTLFace
 from mtlface_fast.export import (decompose, example_inputs, export_program, export_tensorrt, foreign_ops,
                                  load_engine, load_tensorrt_program, tensorrt_available)
 from mtlface_fast.export.tensorrt import INSTALL_HINT
-from tests.utils import TOLERANCES, max_rel_err, randomize_
+from tests.utils import check_low_precision, randomize_
 
 TRT_OK, TRT_REASON = tensorrt_available()
 needs_trt = pytest.mark.skipif(not TRT_OK, reason=f"TensorRT tests need torch_tensorrt and a CUDA GPU: {TRT_REASON}")
@@ -72,17 +72,6 @@ def test_throughput_tensorrt_variant_skips_cleanly_when_unavailable(monkeypatch)
 
 
 # -- on a GPU with torch_tensorrt -------------------------------------------------------------------------
-
-def check_low_precision(got, want, lowp, dtype, name):
-    """Flash-attn's rule: an engine in ``dtype`` may be off from the fp32 model by at most twice what the
-    PyTorch model run in ``dtype`` is off (or the dtype's tolerance, whichever is larger). fp32 engines may
-    use TF32, so they get the bf16 tolerance."""
-    err, base = max_rel_err(got.float(), want), max_rel_err(lowp.float(), want)
-    limit = max(2 * base, TOLERANCES[torch.bfloat16 if dtype == torch.float32 else dtype][0])
-    print(f"{name}: engine error {err:.3e}, PyTorch {dtype} error {base:.3e}, limit {limit:.3e}")
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    assert err <= limit, f"{name}: max relative error {err:.3e} > {limit:.3e} (PyTorch in {dtype}: {base:.3e})"
-
 
 @pytest.fixture(scope="module")
 def gpu_model():

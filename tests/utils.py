@@ -38,6 +38,28 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert err <= limit, f"{name}: max relative error {err:.3e} > {limit:.1e}"
 
 
+def check_low_precision(got: torch.Tensor, want: torch.Tensor, lowp: torch.Tensor, dtype: torch.dtype, name: str):
+    """A compiled artefact in ``dtype`` may be off from the fp32 model by at most twice what the PyTorch model
+    run in ``dtype`` is off (or the dtype's tolerance, whichever is larger). fp32 artefacts may use TF32, so
+    they get the bf16 tolerance."""
+    err, base = max_rel_err(got.float(), want), max_rel_err(lowp.float(), want)
+    limit = max(2 * base, TOLERANCES[torch.bfloat16 if dtype == torch.float32 else dtype][0])
+    print(f"{name}: error {err:.3e}, PyTorch {dtype} error {base:.3e}, limit {limit:.3e}")
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    assert err <= limit, f"{name}: max relative error {err:.3e} > {limit:.3e} (PyTorch in {dtype}: {base:.3e})"
+
+
+def assert_encodes_like(embedding: torch.Tensor, age: torch.Tensor, images: torch.Tensor, fast: nn.Module,
+                        ref: nn.Module):
+    """An exported recognition artefact's outputs against the fast model's and the reference's encode (fp32)."""
+    with torch.no_grad():
+        want, oracle = fast.encode(images), ref.encode(images)
+    assert_close(embedding, want.embedding, torch.float32, "embedding vs fast model")
+    assert_close(age, want.age, torch.float32, "age vs fast model")
+    assert_close(embedding, oracle.embedding, torch.float32, "embedding vs reference")
+    assert_close(age, oracle.age, torch.float32, "age vs reference")
+
+
 @torch.no_grad()
 def randomize_(module: nn.Module, seed: int = 0, scale: float = 1.0) -> nn.Module:
     """Give every parameter and BN statistic a random, non-default value (never zeros or inits).
