@@ -1,6 +1,7 @@
 """nn.Modules over the fast ops; each subclasses its reference module so state dicts load unchanged."""
 from .afd import FusedAttentionModule
 from .icm import CompactAgingModule, CompactICM
-from .trunk import FastBottleneckIR, fold_bn
+from .fold import fold_bn
+from .trunk import FastBottleneckIR
 
 __all__ = ["CompactAgingModule", "CompactICM", "FastBottleneckIR", "FusedAttentionModule", "fold_bn"]

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..backend import use_triton_for
 from ..reference.afd import SPP_SIZES, AttentionModule
+from .fold import fold_bn
 
 SPP_BINS = sum(s * s for s in SPP_SIZES)  # 14 pooled values per channel and pooling kind
 MAX_PIXELS = 4096  # H*W of one feature map held by one kernel tile row (64x64)
@@ -180,14 +181,6 @@ def _batch_norm_train(z: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     return y * bn.weight.to(z.dtype).view(shape) + bn.bias.to(z.dtype).view(shape)
 
 
-def _fold(weight: torch.Tensor, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(weight', bias') of ``bn(conv(., weight))`` with eval statistics, in fp32 (fp64 for fp64 weights)."""
-    acc = stats_dtype(weight.dtype)
-    scale = bn.weight.to(acc) * torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-    w = weight.to(acc) * scale.view(-1, *([1] * (weight.dim() - 1)))
-    return w, bn.bias.to(acc) - bn.running_mean.to(acc) * scale
-
-
 class FusedAttentionModule(AttentionModule):
     """Drop-in :class:`~mtlface_fast.reference.afd.AttentionModule` (same constructor and state dict).
 
@@ -230,8 +223,8 @@ class FusedAttentionModule(AttentionModule):
 
     def _build_eval(self, compute_dtype: torch.dtype):
         acc = stats_dtype(compute_dtype)
-        w2, b2 = _fold(self.channel[2].weight.flatten(1), self.channel[3])
-        ws, bs = _fold(self.spatial[0].weight, self.spatial[1])
+        w2, b2 = fold_bn(self.channel[2].weight.flatten(1), self.channel[3])
+        ws, bs = fold_bn(self.spatial[0].weight, self.spatial[1])
         return dict(w1=self.channel[0].weight.flatten(1).to(compute_dtype), w2=w2.to(compute_dtype),
                     b2=b2.to(acc), ws=ws.to(acc), bs=bs.to(acc))
 

@@ -41,6 +41,7 @@ from torch import nn
 
 from ..backend import use_triton_for
 from ..reference.icm import AgingModule, ICMBase
+from .fold import acc_dtype, bn_scale_shift
 
 BN_STATS = ("reference", "active")
 
@@ -168,14 +169,13 @@ def _conv_norm(conv: nn.Conv2d, norm: nn.Module, xs: Sequence[torch.Tensor], win
     out_ws = windows if win_out else [full] * len(windows)
     blocks = _weight_blocks(W, windows, win_in, win_out)
     if isinstance(norm, nn.modules.batchnorm._BatchNorm) and not _uses_batch_stats(norm):
-        # Eval BatchNorm folded into the window's weights (fp32 fold, cast to the input's dtype).
-        scale = norm.weight.float() * torch.rsqrt(norm.running_var.float() + norm.eps)
-        shift = norm.bias.float() - norm.running_mean.float() * scale
+        # Eval BatchNorm folded into the window's weights (fp32 fold, fp64 for fp64; cast to the input's dtype).
+        scale, shift = bn_scale_shift(norm, acc_dtype(W, norm.weight))
         if b is not None:
-            shift = shift + b.float() * scale
+            shift = shift + b.to(scale.dtype) * scale
         ys = []
         for x, wb, ow in zip(xs, blocks, out_ws):
-            wb = wb.float() * scale[ow].view(-1, 1, 1, 1)
+            wb = wb.to(scale.dtype) * scale[ow].view(-1, 1, 1, 1)
             ys.append(F.conv2d(x, wb.to(x.dtype), shift[ow].to(x.dtype), 1, pad))
         return ys
     ys = [F.conv2d(x, wb, None if b is None else b[ow], 1, pad) for x, wb, ow in zip(xs, blocks, out_ws)]
@@ -260,12 +260,12 @@ def _group_params(module: ICMBase, windows: Sequence[slice], dtype: torch.dtype)
             W.unsqueeze(0).expand(P, *W.shape)
         w = w.reshape(-1, *w.shape[2:])
         vec = lambda v: torch.cat([v[ow] for ow in out_ws])  # noqa: E731
-        bias = None if b is None else vec(b).float()
+        acc = acc_dtype(W)
+        bias = None if b is None else vec(b).to(acc)
         if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-            scale = norm.weight.float() * torch.rsqrt(norm.running_var.float() + norm.eps)
-            shift = norm.bias.float() - norm.running_mean.float() * scale
+            scale, shift = bn_scale_shift(norm, acc)
             scale, shift = vec(scale), vec(shift)
-            w = w.float() * scale.view(-1, 1, 1, 1)
+            w = w.to(acc) * scale.view(-1, 1, 1, 1)
             bias = shift if bias is None else shift + bias * scale
         slope = None
         if isinstance(act, nn.PReLU):
@@ -510,19 +510,17 @@ def _fused_params(module: ICMBase, dtype: torch.dtype):
     """Per layer (weight in ``dtype``, fp32 scale, fp32 shift, fp32 slopes): eval BN and bias folded."""
     out = []
     for conv, norm, act, _, _, _ in _layers(module):
-        scale = norm.weight.float() * torch.rsqrt(norm.running_var.float() + norm.eps)
-        shift = norm.bias.float() - norm.running_mean.float() * scale
+        scale, shift = bn_scale_shift(norm, acc_dtype(conv.weight))
         if conv.bias is not None:
-            shift = shift + conv.bias.float() * scale
-        slope = act.weight.float().expand(conv.out_channels).contiguous()
+            shift = shift + conv.bias.to(scale.dtype) * scale
+        slope = act.weight.to(scale.dtype).expand(conv.out_channels).contiguous()
         out.append((conv.weight.to(dtype).contiguous(), scale, shift, slope))
     return out
 
 
 def _eval_batch_norm_windows(bn, y, per_sample, win):
-    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
-    shift = bn.bias.float() - bn.running_mean.float() * scale
-    return (y.float() * per_sample(scale, win) + per_sample(shift, win)).to(y.dtype)
+    scale, shift = bn_scale_shift(bn, acc_dtype(y))
+    return (y.to(scale.dtype) * per_sample(scale, win) + per_sample(shift, win)).to(y.dtype)
 
 
 def _active_batch_norm_windows(bn, y, idx, win):

@@ -17,20 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..reference.backbone import BottleneckIR
-
-
-def fold_bn(weight: torch.Tensor, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(weight', bias') of ``bn(conv(x, weight))`` as one convolution, in fp32 (eval statistics)."""
-    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
-    w = weight.float() * scale.view(-1, *([1] * (weight.dim() - 1)))
-    b = bn.bias.float() - bn.running_mean.float() * scale
-    return w, b
-
-
-def bn_affine(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, shift) of an eval-mode BatchNorm, fp32."""
-    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
-    return scale, bn.bias.float() - bn.running_mean.float() * scale
+from .fold import bn_scale_shift, fold_bn
 
 
 class FoldCache:
@@ -72,7 +59,7 @@ class FastBottleneckIR(BottleneckIR):
 
     def _build(self) -> Dict[str, torch.Tensor]:
         r = self.res_layer
-        s0, t0 = bn_affine(r[0])
+        s0, t0 = bn_scale_shift(r[0])
         w1, b1 = fold_bn(r[1].weight, r[2])
         w2, b2 = fold_bn(r[4].weight, r[5])
         out = dict(s0=s0, t0=t0, w1=w1, b1=b1, w2=w2, b2=b2)
