@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .mtcnn import AlignExtraMissing, load_mtcnn  # noqa: F401  (AlignExtraMissing: part of this API)
 
@@ -52,16 +52,20 @@ def load_image(item, name: str = "image") -> np.ndarray:
         path = os.fspath(item)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{name}: image file not found: {path}")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"cannot read image {path}: the file is empty")
         try:
             with Image.open(path) as img:
                 img = ImageOps.exif_transpose(img)
-                arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                arr = np.array(img.convert("RGB"), dtype=np.uint8)
+        except UnidentifiedImageError as exc:
+            raise ValueError(f"cannot read image {path}: not an image file that Pillow can read") from exc
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise ValueError(f"{name}: cannot read image {path}: {exc}") from exc
+            raise ValueError(f"cannot read image {path}: {exc}") from exc
     elif isinstance(item, Image.Image):
         if item.width == 0 or item.height == 0:
             raise ValueError(f"{name} is empty (size {item.size})")
-        arr = np.asarray(item.convert("RGB"), dtype=np.uint8)
+        arr = np.array(item.convert("RGB"), dtype=np.uint8)
     elif isinstance(item, torch.Tensor):
         x = item.detach().cpu()
         if x.dim() == 2:

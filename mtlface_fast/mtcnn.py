@@ -333,7 +333,7 @@ class TorchMTCNN(nn.Module):
     @torch.no_grad()
     def detect(self, image: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """(H, W, 3) uint8 RGB -> boxes (N, 5) with scores, landmarks (N, 5, 2)."""
-        img = torch.as_tensor(np.ascontiguousarray(image), device=self.device).permute(2, 0, 1)[None]
+        img = torch.from_numpy(np.array(image, dtype=np.uint8)).to(self.device).permute(2, 0, 1)[None]
         return detect_face(img.float(), self.min_face_size, self.pnet, self.rnet, self.onet, self.thresholds,
                            self.factor)
 
