@@ -156,15 +156,17 @@ class FaceAligner:
         device: where MTCNN runs (the model's device).
         detector: ``"auto"``, ``"facenet"`` or ``"torch"`` (:func:`mtlface_fast.mtcnn.load_mtcnn`).
         min_face_size, thresholds, factor: MTCNN's settings (facenet-pytorch's defaults).
+        cpu_threads: intra-op threads of the detector on CPU (1, faster than more; None: leave the count).
     """
 
     def __init__(self, size: int = 112, device=None, detector: str = "auto", min_face_size: int = 20,
-                 thresholds: Sequence[float] = (0.6, 0.7, 0.7), factor: float = 0.709):
+                 thresholds: Sequence[float] = (0.6, 0.7, 0.7), factor: float = 0.709,
+                 cpu_threads: Optional[int] = 1):
         template(size)  # validates size
         self.size = size
         self.min_face_size = min_face_size
         self.mtcnn = load_mtcnn(detector, device=device, min_face_size=min_face_size, thresholds=thresholds,
-                                factor=factor)
+                                factor=factor, cpu_threads=cpu_threads)
 
     @property
     def detector(self) -> str:
