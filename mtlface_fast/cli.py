@@ -9,7 +9,8 @@ def _add_demo(sub):
     p = sub.add_parser("demo", help="encode a face and render it at every age group (PNG grid + JSON)",
                        description="Encode a face and render it at every age group. Without --weights the model "
                                    "is a seeded random initialization (said plainly in the output).")
-    p.add_argument("--image", help="face image (an aligned crop works best); default: a face from scikit-image")
+    p.add_argument("--image", help="a photo (its largest face is aligned when the align extra is installed) or an "
+                   "aligned face crop; default: scikit-image's astronaut photo")
     p.add_argument("--weights", help="a folder written by save_pretrained, the authors' TPAMI release file "
                    "(mtlface_checkpoints.tar), or an official CVPR backbone checkpoint")
     p.add_argument("--generator", help="official generator checkpoint (with an official --weights)")

@@ -8,7 +8,7 @@ through the model in batches on its device. OUT holds
                      "reason", "width", "height", "faces": [{"face", "box", "landmarks", "score", "crop",
                      "embedding_row", "predicted_age", "age_group", "predicted_group", "grid"}]}
     embeddings.npy   (faces, 512) float32; row ``embedding_row`` of index.jsonl
-    faces/           the aligned crops, <photo path>_<face>.png
+    faces/           the aligned crops, <photo path>_<face>.png (photo.jpg -> faces/photo.jpg_0.png)
     grids/           with --synthesize: each face at every age group, <photo path>_<face>.png
     run.json         the settings, counts and the photos without a face or unreadable, with reasons
 
@@ -129,8 +129,7 @@ def _write_text(path: str, text: str) -> str:
 
 
 def _face_name(photo: str, k: int) -> str:
-    stem = os.path.splitext(photo)[0]
-    return f"{stem}_{k}.png"
+    return f"{photo}_{k}.png"  # the whole name: a.jpg and a.png are two photos
 
 
 def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: Optional[str] = None,
@@ -281,7 +280,8 @@ def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: 
         store.assemble()
 
     done = list(records.values())
-    problems = [{"photo": r["photo"], "status": r["status"], "reason": r["reason"]} for r in done if r["status"] != "ok"]
+    problems = [{"photo": r["photo"], "status": r["status"], "reason": r["reason"]}
+                for r in done if r["status"] != "ok"]
     summary = {
         "settings": settings,
         "photos": len(done),

@@ -143,11 +143,18 @@ def test_torch_cascade_matches_facenet_pytorch(monkeypatch, fresh_imports):
 
     theirs = MTCNN(keep_all=True, select_largest=False)
     ours = M.TorchMTCNN()
+    wrapped = M.FacenetMTCNN()  # the "facenet" detector: facenet-pytorch's MTCNN behind the same interface
     small = np.array(Image.fromarray(data.astronaut()).resize((200, 200), Image.BILINEAR))
     for img in (data.astronaut(), two_faces(), small, data.coffee()[::2, ::2]):
         with M.limited_cpu_threads(torch.device("cpu"), 1):
             boxes, probs, points = theirs.detect(img, landmarks=True)
         b, p = ours.detect(img)
+        wb, wp = wrapped.detect(img)
+        none = boxes is None
+        expected = np.c_[np.zeros((0, 4)) if none else np.asarray(boxes, np.float32),
+                         np.zeros(0) if none else np.asarray(probs, np.float32)]
+        np.testing.assert_array_equal(wb, expected.astype(np.float32))
+        assert wp.shape == (len(wb), 5, 2)
         if boxes is None:
             assert len(b) == 0
             continue
@@ -287,7 +294,8 @@ def test_missing_or_wrong_extra_names_it(monkeypatch):
     import importlib.metadata
     import importlib.util
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "facenet_pytorch" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "facenet_pytorch" else real(name, *a))
     with pytest.raises(M.AlignExtraMissing, match=r"'align' extra.*mtlface-fast\[align\]"):
         A.FaceAligner()
     with pytest.raises(ImportError):  # AlignExtraMissing is an ImportError
@@ -435,7 +443,8 @@ def test_run_command_line(weights, tmp_path, capsys, monkeypatch):
     assert "photo folder not found" in capsys.readouterr().err
     import importlib.util
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "facenet_pytorch" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "facenet_pytorch" else real(name, *a))
     assert main(["run", str(photos), "--out", str(tmp_path / "o3")]) == 2
     err = capsys.readouterr().err
     assert "mtlface-fast[align]" in err and "Traceback" not in err
