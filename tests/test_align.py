@@ -75,6 +75,16 @@ def test_no_face_in_a_cat_or_a_coffee_cup(aligner, name):
     assert aligner.align(getattr(data, name)()[::2, ::2], keep="all") == []
 
 
+def test_lfw_subset_faces_and_non_faces(aligner):
+    """scikit-image's 100 LFW faces and 100 non-faces (25x25, upscaled x4): MTCNN finds 97 and no false hit."""
+    x = data.lfw_subset()
+    found = []
+    for img in x:
+        img = np.array(Image.fromarray((img * 255).round().astype(np.uint8)).resize((100, 100), Image.BILINEAR))
+        found.append(len(aligner.detect(img)[0]) > 0)
+    assert sum(found[:100]) >= 94 and sum(found[100:]) <= 1
+
+
 def test_two_face_composite(aligner):
     img = two_faces()
     faces = aligner.align(img, keep="all")
@@ -288,6 +298,12 @@ def test_grayscale_rgba_tensor_and_file_photos(aligner, astronaut, tmp_path):
         assert np.abs(faces[0].crop.astype(int) - ref.crop).max() <= 1
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
     np.testing.assert_allclose(aligner.align(str(tmp_path / "rgba.png"))[0].landmarks, ref.landmarks, atol=1e-4)
+    # A file stored on its side with EXIF orientation 6 (display rotated 90 degrees clockwise) is read upright.
+    sideways = Image.fromarray(astronaut).transpose(Image.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    sideways.save(tmp_path / "sideways.png", exif=exif)
+    assert np.array_equal(A.load_image(str(tmp_path / "sideways.png")), astronaut)
 
 
 def test_missing_or_wrong_extra_names_it(monkeypatch):
@@ -346,7 +362,7 @@ def _index(out):
     return {r["photo"]: r for r in map(json.loads, (out / "index.jsonl").read_text().splitlines())}
 
 
-def test_folder_end_to_end_resume_and_bad_files(weights, tmp_path, monkeypatch):
+def test_folder_end_to_end_and_bad_files(weights, tmp_path):
     photos, out = tmp_path / "photos", tmp_path / "out"
     _photos(photos)
     summary, logs = _run(photos, out, weights, synthesize=True)
@@ -380,23 +396,17 @@ def test_folder_end_to_end_resume_and_bad_files(weights, tmp_path, monkeypatch):
         assert Image.open(out / f["grid"]).size[0] > 5 * 32
         assert len(f["landmarks"]) == 5 and f["score"] > 0.9
 
-    # A rerun skips everything; a new photo is the only one processed, in the next embedding row.
+    # A rerun skips everything.
     _, logs = _run(photos, out, weights, synthesize=True)
     assert any(line.startswith("0 file(s) to process") for line in logs)
     assert _index(out) == idx and np.array_equal(np.load(out / "embeddings.npy"), emb)
-    Image.fromarray(np.array(Image.fromarray(data.astronaut()).resize((160, 160)))).save(photos / "again.png")
-    _run(photos, out, weights, synthesize=True)
-    idx2 = _index(out)
-    assert idx2["again.png"]["faces"][0]["embedding_row"] == 3
-    assert {p: r for p, r in idx2.items() if p != "again.png"} == idx
-    assert np.array_equal(np.load(out / "embeddings.npy")[:3], emb)
 
     # Other settings would mix two runs in one file: refused.
     with pytest.raises(ValueError, match="other settings"):
         _run(photos, out, weights, synthesize=False)
 
 
-def test_folder_interrupted_run_resumes_to_the_same_result(weights, tmp_path, monkeypatch):
+def test_folder_interrupted_run_resumes_to_the_same_result_and_adds_new_photos(weights, tmp_path, monkeypatch):
     photos = tmp_path / "photos"
     _photos(photos)
     full, _ = _run(photos, tmp_path / "full", weights)
@@ -430,6 +440,14 @@ def test_folder_interrupted_run_resumes_to_the_same_result(weights, tmp_path, mo
         for x, y in zip(fa, fb):
             np.testing.assert_allclose(emb_a[x["embedding_row"]], emb_b[y["embedding_row"]], rtol=1e-4, atol=1e-4)
     assert not (out / ".embedding_parts").exists()
+
+    # A photo added later is the only one processed, in the next embedding row.
+    Image.fromarray(np.array(Image.fromarray(data.astronaut()).resize((160, 160)))).save(photos / "again.png")
+    _run(photos, out, weights)
+    idx2 = _index(out)
+    assert idx2["again.png"]["faces"][0]["embedding_row"] == 3
+    assert {p: r for p, r in idx2.items() if p != "again.png"} == b
+    assert np.array_equal(np.load(out / "embeddings.npy")[:3], emb_b)
 
 
 def test_run_command_line(weights, tmp_path, capsys, monkeypatch):
