@@ -170,6 +170,7 @@ def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: 
     settings = {"model": source, "config": model.config, "input_size": size, "keep": keep,
                 "synthesize": bool(synthesize), "min_face_size": min_face_size,
                 "detector": "mtcnn (facenet-pytorch weights)"}
+    settings = json.loads(json.dumps(settings))  # compared with run.json's: tuples as lists
 
     run_path = os.path.join(out, RUN)
     if os.path.isfile(run_path):
