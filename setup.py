@@ -17,6 +17,8 @@ def long_description():
     return open(path, encoding="utf-8").read() if os.path.isfile(path) else ""
 
 
+FACENET = "facenet-pytorch>=2.5.3,!=2.6.*"
+
 packages = find_packages(include=["mtlface_fast", "mtlface_fast.*"]) + ["mtlface_fast.kernels"]
 
 setup(
@@ -42,7 +44,14 @@ setup(
         "scikit-image",  # the demo's default face (bundled sample data, no download)
     ],
     extras_require={
-        "test": ["pytest", "onnx", "onnxruntime", "onnxscript", "PyYAML"],
+        # CI tests the real face detector, so the test extra holds the align extra's package. facenet-pytorch
+        # requires an unversioned torchvision, and pip would pick the newest, which pins a newer torch and
+        # replaces the installed one; torchvision 0.28 is the release for the torch that .ci/run installs
+        # (2.13): bump the two together. (Over the CPU build of torch this torchvision cannot be imported;
+        # mtlface_fast.mtcnn then runs facenet-pytorch's networks and weights with plain torch.)
+        "test": ["pytest", "onnx", "onnxruntime", "onnxscript", "PyYAML", FACENET, "torchvision<0.29"],
+        # photo -> aligned face: MTCNN and its weights (shipped in the wheel); 2.6.x pins torch<2.3 and numpy<2
+        "align": [FACENET],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "trt": ["torch-tensorrt"],
     },

@@ -1,4 +1,4 @@
-"""The ``mtlface-fast`` command: ``demo``, ``bench``, ``train``, ``eval``, ``export``."""
+"""The ``mtlface-fast`` command: ``demo``, ``run``, ``bench``, ``train``, ``eval``, ``export``."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,8 @@ def _add_demo(sub):
     p = sub.add_parser("demo", help="encode a face and render it at every age group (PNG grid + JSON)",
                        description="Encode a face and render it at every age group. Without --weights the model "
                                    "is a seeded random initialization (said plainly in the output).")
-    p.add_argument("--image", help="face image (an aligned crop works best); default: a face from scikit-image")
+    p.add_argument("--image", help="a photo (its largest face is aligned when the align extra is installed) or an "
+                   "aligned face crop; default: scikit-image's astronaut photo")
     p.add_argument("--weights", help="a folder written by save_pretrained, the authors' TPAMI release file "
                    "(mtlface_checkpoints.tar), or an official CVPR backbone checkpoint")
     p.add_argument("--generator", help="official generator checkpoint (with an official --weights)")
@@ -23,6 +24,46 @@ def _add_demo(sub):
         from .demo import run_demo
         run_demo(args.image, args.out, args.weights, args.generator, args.estimator, args.backbone, args.device,
                  args.seed)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def _add_run(sub):
+    p = sub.add_parser("run", help="every photo of a folder: aligned faces, embeddings, ages, age grids (align extra)",
+                       description="Find and align the faces of every photo under PHOTOS (MTCNN, 5-point template; "
+                                   "the align extra), encode them in batches on --device and write OUT/index.jsonl "
+                                   "(every photo and face, or why none), OUT/embeddings.npy, the crops under "
+                                   "OUT/faces/ and with --synthesize the age-group grids under OUT/grids/. A rerun "
+                                   "skips what is done. Without --weights the model is a seeded random "
+                                   "initialization (said plainly in the output).")
+    p.add_argument("photos", metavar="PHOTOS", help="folder of photos (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder (a rerun with it resumes)")
+    p.add_argument("--weights", help="a folder written by save_pretrained, the authors' TPAMI release file "
+                   "(mtlface_checkpoints.tar), or an official CVPR backbone checkpoint")
+    p.add_argument("--generator", help="official generator checkpoint (with an official --weights)")
+    p.add_argument("--estimator", help="official estimation-network checkpoint (with an official --weights)")
+    p.add_argument("--backbone", default="ir50", help="backbone of the random model when no --weights (ir50)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random initialization (0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: the model and the detector (cpu)")
+    p.add_argument("--batch-size", type=int, default=32, help="faces per model batch (32)")
+    p.add_argument("--all-faces", action="store_true", help="every face of a photo (default: the largest)")
+    p.add_argument("--synthesize", action="store_true", help="also render each face at every age group (PNG)")
+    p.add_argument("--min-face-size", type=int, default=20, help="smallest face searched, in pixels (20)")
+    p.add_argument("--detector", default="auto", choices=("auto", "facenet", "torch"),
+                   help="MTCNN as facenet-pytorch runs it, or its networks driven by torch (auto: facenet when "
+                        "torchvision imports)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args):
+        from .folder import run_folder
+        from .mtcnn import AlignExtraMissing
+        try:
+            run_folder(args.photos, args.out, args.weights, args.generator, args.estimator, args.backbone,
+                       args.seed, args.device, args.batch_size, "all" if args.all_faces else "largest",
+                       args.synthesize, args.detector, args.min_face_size, progress=not args.no_progress)
+        except AlignExtraMissing as exc:
+            raise RuntimeError(str(exc)) from exc
         return 0
 
     p.set_defaults(func=run)
@@ -76,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_demo(sub)
+    _add_run(sub)
     _add_bench(sub)
     _add_tool(sub, "eval", "eval.runner", "verification, identification, age and synthesis metrics (JSON + Markdown)")
     _add_tool(sub, "export", "export.command",

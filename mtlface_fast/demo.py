@@ -33,6 +33,31 @@ def default_face() -> Image.Image:
     return Image.fromarray(data.astronaut()).crop(ASTRONAUT_FACE_BOX)
 
 
+def demo_face(image, size: int, device, log=print):
+    """(face, alignment): the photo's largest face aligned onto the 5-point template when the ``align`` extra is
+    installed, else the image as given (resized by preprocess) with a note. Without ``image``, scikit-image's
+    astronaut photo (aligned) or a crop of it."""
+    from .mtcnn import AlignExtraMissing
+    try:
+        from .align import default_aligner, load_image
+        aligner = default_aligner(size, device)
+    except AlignExtraMissing as exc:
+        if image is not None:
+            log(f"NOTE: the photo is resized, not aligned ({exc})")
+        return (image if image is not None else default_face()), {"aligned": False, "reason": str(exc)}
+    if image is None:
+        from skimage import data
+        image = data.astronaut()
+    faces = aligner.align(load_image(image, name="--image"))
+    if not faces:
+        log("NOTE: no face found in the image; it is resized, not aligned")
+        return image, {"aligned": False, "reason": "no face found"}
+    f = faces[0]
+    return f.crop, {"aligned": True, "detector": f"mtcnn ({aligner.detector})", "score": round(f.score, 5),
+                    "box": [round(float(v), 2) for v in f.box],
+                    "landmarks": [[round(float(v), 2) for v in p] for p in f.landmarks]}
+
+
 def group_labels(age_group: int):
     t = AGE_GROUP_THRESHOLDS[age_group]
     labels, lo = [], 0
@@ -92,7 +117,7 @@ def run_demo(image=None, out: str = "demo_out", weights: Optional[str] = None, g
     if weights is None:
         log(f"NOTE: no --weights given; using a {source}. Ages and aged faces are meaningless.")
     model = model.to(dev).eval()
-    face = image if image is not None else default_face()
+    face, alignment = demo_face(image, model.config["input_size"], dev, log)
     x = preprocess(face, size=model.config["input_size"], device=dev)
 
     def timed(fn):
@@ -114,6 +139,7 @@ def run_demo(image=None, out: str = "demo_out", weights: Optional[str] = None, g
         "image": str(image) if isinstance(image, (str, os.PathLike)) else ("astronaut (scikit-image)" if image is None
                                                                            else type(image).__name__),
         "weights": source,
+        "alignment": alignment,
         "config": model.config,
         "device": str(dev),
         "predicted_age": round(age, 3),

@@ -75,7 +75,7 @@ def _tensor_images(x: torch.Tensor, size: int, single: bool = False) -> torch.Te
     return x
 
 
-def preprocess(images, size: int = 112, device=None) -> torch.Tensor:
+def preprocess(images, size: int = 112, device=None, align: bool = False) -> torch.Tensor:
     """Turn faces into model input: (B, 3, size, size) float32 in [-1, 1] (RGB, (x - 0.5) / 0.5).
 
     Args:
@@ -85,9 +85,16 @@ def preprocess(images, size: int = 112, device=None) -> torch.Tensor:
             shorter side resized to ``size`` and are centre-cropped. Faces should be aligned crops.
         size: the model's input size.
         device: where to put the result.
+        align: find the largest face of each photo with MTCNN and warp it onto the 5-point template
+            (:mod:`mtlface_fast.align`, the ``align`` extra); a photo without a face raises ValueError.
     """
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ValueError(f"size must be a positive int, got {size!r}")
+    if align:
+        from .align import align_faces
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            images = list(images)
+        images = align_faces(images, size=size, device=device)
     if isinstance(images, torch.Tensor) and images.dim() == 4:
         batch = _tensor_images(images, size)
     elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):

@@ -1,0 +1,305 @@
+"""``mtlface-fast run PHOTOS/ --out OUT/``: every photo of a folder -> aligned faces, embeddings, ages, age grids.
+
+Each file under PHOTOS (recursively; hidden files and OUT itself skipped) is read, its faces found with MTCNN
+and aligned onto the 5-point template at the model's input size (:mod:`mtlface_fast.align`), and the crops go
+through the model in batches on its device. OUT holds
+
+    index.jsonl      one JSON line per photo: {"photo", "status": "ok" | "no_face" | "unreadable" | "error",
+                     "reason", "width", "height", "faces": [{"face", "box", "landmarks", "score", "crop",
+                     "embedding_row", "predicted_age", "age_group", "predicted_group", "grid"}]}
+    embeddings.npy   (faces, 512) float32; row ``embedding_row`` of index.jsonl
+    faces/           the aligned crops, <photo path>_<face>.png (photo.jpg -> faces/photo.jpg_0.png)
+    grids/           with --synthesize: each face at every age group, <photo path>_<face>.png
+    run.json         the settings, counts and the photos without a face or unreadable, with reasons
+
+A photo that cannot be read or has no face is recorded with the reason; the run goes on. A rerun with the same
+OUT skips the photos already in index.jsonl (an interrupted run resumes where it stopped); it refuses other
+settings (model, input size, faces kept, --synthesize, detector), which would mix results in one file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Dict, List, Optional
+
+INDEX, EMBEDDINGS, RUN, PARTS = "index.jsonl", "embeddings.npy", "run.json", ".embedding_parts"
+
+
+def list_photos(root: str, out: str) -> List[str]:
+    """Every non-hidden file under ``root`` (sorted, relative, '/'-separated), ``out`` excluded."""
+    root_abs, out_abs = os.path.abspath(root), os.path.abspath(out)
+    found = []
+    for folder, dirs, files in os.walk(root_abs):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.join(folder, d) != out_abs)
+        for name in files:
+            if not name.startswith("."):
+                found.append(os.path.relpath(os.path.join(folder, name), root_abs).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def _read_index(path: str) -> List[dict]:
+    """The complete lines of index.jsonl (a line cut short by an interrupted run is dropped)."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.endswith("\n"):
+                break
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+class _Embeddings:
+    """embeddings.npy plus the batches written since it was last assembled (``.embedding_parts/<row>.npy``).
+
+    A batch's part is written before its photos' index lines, so after an interruption every row that the index
+    refers to is on disk; parts and rows that no index line refers to are dropped."""
+
+    def __init__(self, out: str, needed: int):
+        import numpy as np
+        self.np, self.out = np, out
+        self.parts_dir = os.path.join(out, PARTS)
+        path = os.path.join(out, EMBEDDINGS)
+        self.base = np.load(path, mmap_mode="r") if os.path.isfile(path) else None
+        self.base_rows = min(needed, 0 if self.base is None else self.base.shape[0])
+        self.parts, rows = [], self.base_rows
+        names = sorted(os.listdir(self.parts_dir)) if os.path.isdir(self.parts_dir) else []
+        for name in names:
+            part = os.path.join(self.parts_dir, name)
+            start = int(name.split(".")[0]) if name.split(".")[0].isdigit() else -1
+            n = np.load(part, mmap_mode="r").shape[0] if start == rows else 0
+            if start == rows and rows + n <= needed:
+                self.parts.append(part)
+                rows += n
+            else:
+                os.remove(part)  # assembled already, or written just before an interruption
+        self.rows = rows
+        self.dirty = bool(self.parts) or (self.base is not None and self.base_rows < self.base.shape[0])
+
+    def append(self, emb) -> int:
+        from .checkpoint import atomic_write
+        start = self.rows
+        os.makedirs(self.parts_dir, exist_ok=True)
+        part = os.path.join(self.parts_dir, f"{start:010d}.npy")
+        atomic_write(part, lambda tmp: _save_npy(tmp, emb))
+        self.parts.append(part)
+        self.rows += emb.shape[0]
+        self.dirty = True
+        return start
+
+    def assemble(self) -> None:
+        """Write embeddings.npy with every row, then remove the parts."""
+        if not self.dirty:
+            return
+        np = self.np
+        chunks = ([np.asarray(self.base[:self.base_rows])] if self.base is not None and self.base_rows else []) + \
+                 [np.load(p) for p in self.parts]
+        from .checkpoint import atomic_write
+        self.base = None
+        path = os.path.join(self.out, EMBEDDINGS)
+        if chunks:
+            emb = np.concatenate(chunks, axis=0).astype(np.float32, copy=False)
+            atomic_write(path, lambda tmp: _save_npy(tmp, emb))
+        elif os.path.isfile(path):
+            os.remove(path)
+        for p in self.parts:
+            os.remove(p)
+        self.parts, self.dirty = [], False
+        if os.path.isdir(self.parts_dir) and not os.listdir(self.parts_dir):
+            os.rmdir(self.parts_dir)
+
+
+def _save_npy(path: str, arr) -> None:
+    import numpy as np
+    with open(path, "wb") as fh:  # np.save on a name would append ".npy" to the temporary file's name
+        np.save(fh, arr)
+
+
+def _write_text(path: str, text: str) -> str:
+    from .checkpoint import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    return atomic_write(path, write)
+
+
+def _face_name(photo: str, k: int) -> str:
+    return f"{photo}_{k}.png"  # the whole name: a.jpg and a.png are two photos
+
+
+def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: Optional[str] = None,
+               estimator: Optional[str] = None, backbone: str = "ir50", seed: int = 0, device: str = "cpu",
+               batch_size: int = 32, keep: str = "largest", synthesize: bool = False, detector: str = "auto",
+               min_face_size: int = 20, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Process every photo of ``photos`` into ``out`` (see the module docstring); returns run.json's content."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .align import KEEP, FaceAligner, load_image
+    from .checkpoint import atomic_write
+    from .demo import group_labels, load_model, save_grid
+    from .preprocess import preprocess
+    from .reference.heads import age2group
+
+    from .mtcnn import facenet_location
+    facenet_location()  # the align extra, before the model loads
+    if not os.path.isdir(photos):
+        raise FileNotFoundError(f"photo folder not found: {photos}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if keep not in KEEP:
+        raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but CUDA is not available; use --device cpu")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} exists and is not a folder")
+
+    model, source = load_model(weights, generator, estimator, backbone, seed)
+    model = model.to(dev).eval()
+    size = int(model.config["input_size"])
+    age_groups = int(model.config["age_group"])
+    labels = group_labels(age_groups)
+    aligner = FaceAligner(size=size, device=dev, detector=detector, min_face_size=min_face_size)
+    settings = {"model": source, "config": model.config, "input_size": size, "keep": keep,
+                "synthesize": bool(synthesize), "min_face_size": min_face_size,
+                "detector": "mtcnn (facenet-pytorch weights)"}
+    settings = json.loads(json.dumps(settings))  # compared with run.json's: tuples as lists
+
+    run_path = os.path.join(out, RUN)
+    if os.path.isfile(run_path):
+        with open(run_path, encoding="utf-8") as fh:
+            before = json.load(fh).get("settings", {})
+        differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if differ:
+            raise ValueError(f"{out} holds a run with other settings ({', '.join(differ)}: "
+                             f"{[before.get(k) for k in differ]} there, {[settings.get(k) for k in differ]} now); "
+                             f"use another --out")
+    os.makedirs(out, exist_ok=True)
+    _write_text(run_path, json.dumps({"settings": settings, "status": "running"}, indent=2) + "\n")
+    if weights is None:
+        log(f"NOTE: no --weights given; using a {source}. Embeddings, ages and aged faces are meaningless.")
+
+    index_path = os.path.join(out, INDEX)
+    records = {r["photo"]: r for r in _read_index(index_path)}
+    needed = 1 + max((f["embedding_row"] for r in records.values() for f in r.get("faces", [])), default=-1)
+    store = _Embeddings(out, needed)
+    if store.rows < needed:  # rows lost (e.g. a removed embeddings.npy): redo the photos that refer to them
+        records = {p: r for p, r in records.items()
+                   if all(f["embedding_row"] < store.rows for f in r.get("faces", []))}
+    # Rewrite the index with exactly the records kept (drops a line cut short by an interruption).
+    _write_text(index_path, "".join(json.dumps(r) + "\n" for r in records.values()))
+
+    todo = [p for p in list_photos(photos, out) if p not in records]
+    log(f"{len(todo)} file(s) to process in {photos} ({len(records)} already done in {out}); "
+        f"faces aligned to {size}x{size} by the {aligner.detector} MTCNN on {dev}, batches of {batch_size}")
+
+    index_fh = open(index_path, "a", encoding="utf-8")
+    pending: List[dict] = []  # records whose faces wait for the model
+    crops: List[np.ndarray] = []
+
+    def write(recs):
+        for r in recs:
+            index_fh.write(json.dumps(r) + "\n")
+            records[r["photo"]] = r
+        index_fh.flush()
+
+    def flush_batch():
+        if not pending:
+            return
+        faces = [f for r in pending for f in r["faces"]]
+        embs = []
+        for s in range(0, len(faces), batch_size):
+            x = preprocess(crops[s:s + batch_size], size=size, device=dev)
+            with torch.inference_mode():
+                enc = model.encode(x)
+                aged = model.synthesize_all_ages(x) if synthesize else None
+            embs.append(enc.embedding.float().cpu().numpy())
+            for j, f in enumerate(faces[s:s + batch_size]):
+                age = float(enc.age[j])
+                f["predicted_age"] = round(age, 3)
+                f["age_group"] = int(age2group(age, age_groups))
+                f["predicted_group"] = int(enc.group_logits[j].argmax())
+                if aged is not None:
+                    f["grid"] = "grids/" + f["name"]
+                    save_grid(os.path.join(out, f["grid"]), x[j], aged[j], labels,
+                              title=f"{f['name']}: predicted age {age:.1f}")
+        start = store.append(np.concatenate(embs, axis=0))
+        for i, f in enumerate(faces):
+            f["embedding_row"] = start + i
+            del f["name"]
+        write(pending)
+        pending.clear()
+        crops.clear()
+
+    from tqdm import tqdm
+    try:
+        for rel in tqdm(todo, unit="photo", disable=not progress, dynamic_ncols=True):
+            rec: Dict = {"photo": rel}
+            try:
+                arr = load_image(os.path.join(photos, rel), name=rel)
+            except (ValueError, TypeError, OSError) as exc:
+                rec.update(status="unreadable", reason=str(exc), faces=[])
+                write([rec])
+                continue
+            rec.update(width=int(arr.shape[1]), height=int(arr.shape[0]))
+            try:
+                faces = aligner.align(arr, keep=keep)
+            except (ValueError, RuntimeError) as exc:  # a photo the detector or the warp cannot handle
+                rec.update(status="error", reason=f"face detection failed: {exc}", faces=[])
+                write([rec])
+                continue
+            if not faces:
+                small = min(arr.shape[:2]) < min_face_size
+                rec.update(status="no_face", faces=[],
+                           reason=(f"image {arr.shape[1]}x{arr.shape[0]} is smaller than the smallest face searched "
+                                   f"({min_face_size} px)") if small else "no face found")
+                write([rec])
+                continue
+            rec.update(status="ok", faces=[])
+            for k, face in enumerate(faces):
+                name = _face_name(rel, k)
+                crop_path = os.path.join(out, "faces", name)
+                os.makedirs(os.path.dirname(crop_path), exist_ok=True)
+                atomic_write(crop_path, lambda tmp, c=face.crop: Image.fromarray(c).save(tmp, format="PNG"))
+                rec["faces"].append({"face": k, "name": name, "box": [round(float(v), 2) for v in face.box],
+                                     "landmarks": [[round(float(v), 2) for v in p] for p in face.landmarks],
+                                     "score": round(face.score, 5), "crop": "faces/" + name})
+                crops.append(face.crop)
+            pending.append(rec)
+            if len(crops) >= batch_size:
+                flush_batch()
+        flush_batch()
+    finally:
+        index_fh.close()
+        store.assemble()
+
+    done = list(records.values())
+    problems = [{"photo": r["photo"], "status": r["status"], "reason": r["reason"]}
+                for r in done if r["status"] != "ok"]
+    summary = {
+        "settings": settings,
+        "photos": len(done),
+        "with_faces": sum(r["status"] == "ok" for r in done),
+        "faces": store.rows,
+        "no_face": sum(r["status"] == "no_face" for r in done),
+        "unreadable": sum(r["status"] in ("unreadable", "error") for r in done),
+        "problems": problems,
+        "group_labels": labels,
+        "files": {"index": index_path, "embeddings": os.path.join(out, EMBEDDINGS) if store.rows else None},
+        "status": "done",
+    }
+    _write_text(run_path, json.dumps(summary, indent=2) + "\n")
+    log(f"{summary['photos']} photo(s): {summary['faces']} face(s) in {summary['with_faces']}, "
+        f"{summary['no_face']} without a face, {summary['unreadable']} unreadable -> {out}")
+    for p in problems[:20]:
+        log(f"  {p['photo']}: {p['status']}: {p['reason']}")
+    if len(problems) > 20:
+        log(f"  ... and {len(problems) - 20} more in {run_path}")
+    return summary
