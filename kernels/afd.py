@@ -578,12 +578,12 @@ def _check_x(x: torch.Tensor) -> None:
         raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
 
 
-def _launch_pool(x, feat, feat_idx, sp, sp_idx, nprog, blocks_per_prog, block_c, warps, concat, with_idx):
+def _launch_pool(x, feat, feat_idx, sp, sp_idx, nprog, blocks_per_prog, block_c, warps, concat, with_idx, sum_div):
     B, C, H, W = x.shape
     x, cl = _layout(x)
     hwp = _hwp(H, W)
     wrap_triton(_afd_pool_fwd_kernel)[(B, nprog)](
-        x, feat, feat_idx, sp, sp_idx, C, nprog, blocks_per_prog, float(C) if nprog == 1 else 1.0, x.stride(0),
+        x, feat, feat_idx, sp, sp_idx, C, nprog, blocks_per_prog, float(sum_div), x.stride(0),
         H=int(H), W=int(W), CONCAT=concat, WITH_IDX=with_idx, CHANNELS_LAST=cl, BLOCK_C=block_c, HWP=hwp,
         FLAT=_pow2(block_c * H * W), KH=_win_sides(H), KW=_win_sides(W), DOT_F32=_dot_f32(x), num_warps=warps, num_stages=1)
 
@@ -608,7 +608,7 @@ def _afd_pool(x: torch.Tensor, concat: bool, with_idx: bool = True
     if _shapes_only(x):
         return feat, feat_idx, sp, sp_idx
     block_c, warps = _pool_tile(int(C), int(H), int(W), x.is_cuda)
-    _launch_pool(x, feat, feat_idx, sp, sp_idx, 1, _cdiv(C, block_c), block_c, warps, concat, with_idx)
+    _launch_pool(x, feat, feat_idx, sp, sp_idx, 1, _cdiv(C, block_c), block_c, warps, concat, with_idx, C)  # mean
     return feat, feat_idx, sp, sp_idx
 
 
@@ -755,7 +755,7 @@ def _afd_eval(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Ten
     feat = torch.empty((B, K), device=x.device, dtype=x.dtype)
     sp = torch.empty((B, nprog, 2, HW), device=x.device, dtype=acc)
     none_i = torch.empty((0,), device=x.device, dtype=torch.int32)
-    _launch_pool(x, feat, none_i, sp, none_i, nprog, blocks, block_c, warps, concat, False)
+    _launch_pool(x, feat, none_i, sp, none_i, nprog, blocks, block_c, warps, concat, False, 1)  # sums
     w1, w2, ts, bs = w1.contiguous(), w2.contiguous(), ts.contiguous(), bs.contiguous()
     h = torch.empty((B, nh), device=x.device, dtype=x.dtype)
     ss = torch.empty((B, HW), device=x.device, dtype=acc)
