@@ -1,19 +1,20 @@
 """Fused AFD (attention-based feature decomposition): same keys and behaviour as the reference module.
 
-The reference ``AttentionModule`` runs about forty small ops; the fused one runs three stages:
+The reference ``AttentionModule`` runs about forty small ops. The fused one, with the Triton backend:
 
-1. ``pool``: one pass over ``x`` that gives the channel-MLP input (SPP avg/max at sizes 1, 2, 3, summed
-   for CVPR or concatenated for TPAMI) and the spatial-branch input (max and mean over channels), in
-   fp32, plus the argmax of every max so that backward routes gradients like PyTorch does.
-2. the two small branches on those pooled tensors (channel MLP as two GEMMs, 7x7 spatial conv, their
-   BatchNorms and sigmoids); in eval mode each BatchNorm is folded into the layer before it (cached,
-   rebuilt when a parameter or statistic changes); in train mode the batch statistics are fp32 and the
-   running statistics are updated like ``nn.BatchNorm2d`` (unbiased variance, the module's momentum).
-3. ``apply``: one pass over ``x`` that writes both ``x_id`` and ``x_age``.
+* eval, nothing to differentiate: ``afd_eval``, three kernels (pooling; the channel MLP's first GEMM + ReLU
+  and the spatial branch; the second GEMM + sigmoid fused into the pass that writes ``x_id`` and
+  ``x_age``), with every BatchNorm folded (cached, rebuilt when a parameter or statistic changes) and the
+  7x7 spatial convolution as a matrix on the map;
+* otherwise three stages: ``pool`` (one pass over ``x``: the channel-MLP input, SPP avg/max at sizes 1, 2,
+  3, summed for CVPR or concatenated for TPAMI, and the spatial-branch input, max and mean over channels,
+  in fp32, plus the argmax of every max so that backward routes gradients like PyTorch does); the two
+  branches as PyTorch ops (train: fp32 batch statistics, running statistics updated like
+  ``nn.BatchNorm2d``, unbiased variance, the module's momentum); ``apply`` (one pass that writes both
+  outputs). All differentiable.
 
-Stages 1 and 3 are Triton kernels (:mod:`mtlface_fast.kernels.afd`) when
-:func:`mtlface_fast.backend.use_triton_for` says so, else the PyTorch functions below, which compute the
-same math and also serve as the kernels' decompositions for export.
+The kernels live in :mod:`mtlface_fast.kernels.afd`, their PyTorch twins (the torch backend, and the
+decompositions for export) in :mod:`mtlface_fast.kernels.afd_torch`, re-exported here.
 """
 from __future__ import annotations
 
