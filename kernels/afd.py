@@ -45,7 +45,7 @@ from torch.library import triton_op, wrap_triton
 
 from .afd_torch import (SPP_BINS, apply_backward_torch, apply_torch, eval_torch, pool_backward_torch,
                         pool_torch, stats_dtype)
-from .utils import check_same_device, register_decomposition, shapes_only, use_kernel
+from .utils import check_same_device, proxy_tracing, register_decomposition, shapes_only, use_kernel
 
 __all__ = ["afd_apply", "afd_apply_backward", "afd_eval", "afd_pool", "afd_pool_backward", "apply",
            "eval_forward", "pool"]
@@ -451,13 +451,6 @@ def _shapes_only(x: torch.Tensor) -> bool:
     return shapes_only(x)
 
 
-def _proxy_tracing() -> bool:
-    try:
-        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
-    except AttributeError:  # pragma: no cover
-        return False
-
-
 # Host-side launch geometry in plain Python: triton.next_power_of_2 / triton.cdiv are JIT-aware helpers
 # that cost microseconds per call on the host, and these run on every launch.
 def _pow2(n: int) -> int:
@@ -532,7 +525,7 @@ def _direct_call_ok(*tensors: torch.Tensor) -> bool:
     host time per op on CPU, more than the kernels take at small batches): real tensors only (no
     fake, functional or functorch-wrapped ones), nothing to differentiate, no compile, tracing or
     dispatch mode that has to see the op. The body then runs exactly as the op's eager kernel runs it."""
-    if _wrap_triton_enabled is None or torch.compiler.is_compiling() or _proxy_tracing():
+    if _wrap_triton_enabled is None or torch.compiler.is_compiling() or proxy_tracing():
         return False
     if getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)() > 0:
         return False
@@ -585,7 +578,8 @@ def _launch_pool(x, feat, feat_idx, sp, sp_idx, nprog, blocks_per_prog, block_c,
     wrap_triton(_afd_pool_fwd_kernel)[(B, nprog)](
         x, feat, feat_idx, sp, sp_idx, C, nprog, blocks_per_prog, float(sum_div), x.stride(0),
         H=int(H), W=int(W), CONCAT=concat, WITH_IDX=with_idx, CHANNELS_LAST=cl, BLOCK_C=block_c, HWP=hwp,
-        FLAT=_pow2(block_c * H * W), KH=_win_sides(H), KW=_win_sides(W), DOT_F32=_dot_f32(x), num_warps=warps, num_stages=1)
+        FLAT=_pow2(block_c * H * W), KH=_win_sides(H), KW=_win_sides(W), DOT_F32=_dot_f32(x),
+        num_warps=warps, num_stages=1)  # one stage: no cp.async prologue peeled out of the channel loop
 
 
 def _afd_pool(x: torch.Tensor, concat: bool, with_idx: bool = True
@@ -762,7 +756,8 @@ def _afd_eval(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Ten
     block_m, block_n = 16, 32  # B=256: 16 x 14 programs, each streaming 0.46 MB of w1 and 0.23 MB of feat
     wrap_triton(_afd_branch_fwd_kernel)[(_cdiv(B, block_m), _cdiv(nh, block_n))](
         feat, w1, h, sp, ts, bs, ss, B, K, nh, nprog, C,
-        HW=int(HW), HWP=_hwp(H, W), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, DOT_F32=_dot_f32(x), num_warps=8, num_stages=2)
+        HW=int(HW), HWP=_hwp(H, W), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, DOT_F32=_dot_f32(x),
+        num_warps=8, num_stages=2)  # 8 warps, 2 stages: no spills with the spatial branch's two 64x64 tiles
     _launch_apply(x, ss, ss, x_id, x_age, att_is_age, h=h, w2=w2, b2=b2.contiguous())
     return x_id, x_age
 

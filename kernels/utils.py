@@ -68,7 +68,8 @@ def use_kernel(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and interpreter_enabled() and not is_fake(x)
 
 
-def _proxy_tracing() -> bool:
+def proxy_tracing() -> bool:
+    """Whether make_fx's proxy mode (the graph tracing of torch.compile/export) is active."""
     try:
         return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
     except AttributeError:  # pragma: no cover
@@ -80,4 +81,4 @@ def shapes_only(x: torch.Tensor) -> bool:
     ``torch.library.opcheck``): the op allocates its outputs and launches nothing. Under graph tracing
     (torch.compile's functional tensors, make_fx's proxy mode) it is False, so the op goes on to
     ``wrap_triton``, which records the launch. Only meaningful where :func:`use_kernel` is True."""
-    return isinstance(x, _FakeTensor) and not _proxy_tracing()
+    return isinstance(x, _FakeTensor) and not proxy_tracing()

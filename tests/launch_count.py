@@ -47,7 +47,8 @@ class Record:
         return len(self.triton) + len(self.aten)
 
     def report(self) -> str:
-        lines = [f"{self.launches} launches ({len(self.triton)} Triton, {len(self.aten)} aten), {len(self.syncs)} syncs"]
+        lines = [f"{self.launches} launches ({len(self.triton)} Triton, {len(self.aten)} aten), "
+                 f"{len(self.syncs)} syncs"]
         lines += [f"  triton {t}" for t in self.triton] + [f"  aten   {a}" for a in self.aten]
         lines += [f"  sync   {s}" for s in self.syncs]
         return "\n".join(lines)

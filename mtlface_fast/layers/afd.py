@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backend import use_triton_for
-from ..reference.afd import SPP_SIZES, AttentionModule
+from ..reference.afd import SPP_SIZES, AttentionModule  # noqa: F401 (SPP_SIZES: public name kept)
 from ..kernels.afd_torch import (SPP_BINS, apply_backward_torch, apply_torch, pool_backward_torch,  # noqa: F401
                                  pool_torch, stats_dtype)
 from .fold import fold_bn
