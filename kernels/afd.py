@@ -482,9 +482,10 @@ def _win_sides(n: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _pool_tile(C: int, H: int, W: int, on_gpu: bool):
-    """(BLOCK_C, num_warps) of the pooling kernel. On GPU 32 channels of a 7x7 map (1568 elements, a
-    3 KB run of bf16) per step; the interpreter prefers few big tiles. Tests force the GPU choice on CPU
-    to cover the channel-block loop and its max/argmax merge."""
+    """(BLOCK_C, num_warps) of the pooling kernel. On GPU 16 channels of a 7x7 map per step (784 elements in
+    a flat range of 1024: one 16-byte vector of bf16 per thread at 4 warps; 124 registers, 4 CTAs/SM); the
+    interpreter prefers few big tiles. Tests force the GPU choice on CPU to cover the channel-block loop
+    and its max/argmax merge."""
     hwp = _hwp(H, W)
     target = 1024 if on_gpu else 8192
     return max(16, min(_pow2(C), target // hwp)), 4
@@ -727,7 +728,7 @@ def _afd_eval(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Ten
               bs: torch.Tensor, concat: bool, att_is_age: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The eval forward of the fused AFD in three launches; see :func:`kernels.afd_torch.eval_torch`.
 
-    1. pooling, one program per (sample, 64 channels): features in the compute dtype (the dtype the
+    1. pooling, one program per (sample, 128 channels): features in the compute dtype (the dtype the
        channel MLP reads them in), per-program channel max/sum partials;
     2. branches, one program per (16 samples, 32 hidden units): ``h = relu(feat @ w1^T)``; the programs of
        the first hidden block also merge the partials and run the spatial branch as two small dots;
