@@ -392,54 +392,80 @@ def _afd_apply_bwd_kernel(
 
 @triton.jit
 def _afd_pool_bwd_kernel(
-    dfeat_ptr,  # (B, K) gradient of feat (layout as in the forward)
+    dfeat_ptr,  # (B, K) gradient of feat (layout as in the forward), stats dtype
     fidx_ptr,  # (B, 14C) int32 argmax pixels of the max-SPP bins
     dsp_ptr,  # (B, 2, H*W) gradient of sp
     spidx_ptr,  # (B, H*W) int32 argmax channels of the max over channels
-    dx_ptr,  # (B, C, H, W) output, any strides
-    C, stride_db, stride_dc, stride_dh, stride_dw,
-    H: tl.constexpr, W: tl.constexpr, CONCAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    dx_ptr,  # (B, C, H, W) output: NCHW-contiguous, or channels_last when CHANNELS_LAST
+    B, C, stride_db,
+    H: tl.constexpr, W: tl.constexpr, CONCAT: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    BLOCK_C: tl.constexpr, HWP: tl.constexpr, FLAT: tl.constexpr, SAMPLES: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    HW: tl.constexpr = H * W
+    s0 = tl.program_id(0) * SAMPLES
+    c0 = tl.program_id(1) * BLOCK_C
     acc_ty = dfeat_ptr.dtype.element_ty
-    offs_p = tl.arange(0, BLOCK_P)
-    ph = offs_p // W
-    pw = offs_p % W
-    p_mask = offs_p < H * W
-    c_mask = offs_c < C
+    c = c0 + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    p = tl.arange(0, HWP)
+    p_ok = p < HW
+    t = tl.arange(0, 16)
+    t_ok = t < 14
+    h0, h1, w0, w1 = _bin_window(tl.where(t_ok, t, 0), H, W)
+    ph = p // W
+    pw = p - ph * W
+    inwin = ((ph[None, :] >= h0[:, None]) & (ph[None, :] < h1[:, None]) & (pw[None, :] >= w0[:, None])
+             & (pw[None, :] < w1[:, None]) & p_ok[None, :] & t_ok[:, None])
+    # (16, HWP) average weights: the gradient of bin t spreads as 1/count over its window (one dot)
+    spread = tl.where(inwin, 1.0 / ((h1 - h0) * (w1 - w0)).to(acc_ty)[:, None], 0.0).to(acc_ty)
+    sz_off = tl.where(t == 0, 0, tl.where(t < 5, 1, 5))
+    sz_sq = tl.where(t == 0, 1, tl.where(t < 5, 4, 9))
+    q = tl.where(t == 0, 0, tl.where(t < 5, t - 1, tl.where(t_ok, t - 5, 0)))
+    kk = sz_off[None, :] * C + c[:, None] * sz_sq[None, :] + q[None, :]  # (BLOCK_C, 16) feat positions
+    k_ok = c_ok[:, None] & t_ok[None, :]
     nbins = 14 * C
-    if CONCAT:
-        dfeat_base = dfeat_ptr + b * (2 * nbins)
-    else:
-        dfeat_base = dfeat_ptr + b * nbins
-    fidx_base = fidx_ptr + b * nbins
-    dsp_base = dsp_ptr + b * (2 * H * W)
-    dmax_c = tl.load(dsp_base + offs_p, mask=p_mask, other=0.0)
-    dmean_c = tl.load(dsp_base + H * W + offs_p, mask=p_mask, other=0.0)
-    sidx = tl.load(spidx_ptr + b * (H * W) + offs_p, mask=p_mask, other=-1)
-    acc = tl.zeros((BLOCK_C, BLOCK_P), acc_ty) + (dmean_c / C)[None, :]
-    acc += tl.where(offs_c[:, None] == sidx[None, :], dmax_c[None, :], 0.0)
-    for s in tl.static_range(1, 4):
-        for i in tl.static_range(0, s):
-            for j in tl.static_range(0, s):
-                h0 = (i * H) // s
-                h1 = ((i + 1) * H + s - 1) // s
-                w0 = (j * W) // s
-                w1 = ((j + 1) * W + s - 1) // s
-                win = (ph >= h0) & (ph < h1) & (pw >= w0) & (pw < w1)
-                k = ((s - 1) * s * (2 * s - 1) // 6) * C + offs_c * (s * s) + (i * s + j)
-                da = tl.load(dfeat_base + k, mask=c_mask, other=0.0)
-                if CONCAT:
-                    dm = tl.load(dfeat_base + nbins + k, mask=c_mask, other=0.0)
-                else:
-                    dm = da
-                widx = tl.load(fidx_base + k, mask=c_mask, other=-1)
-                acc += tl.where(win[None, :], (da / ((h1 - h0) * (w1 - w0)))[:, None], 0.0)
-                acc += tl.where(offs_p[None, :] == widx[:, None], dm[:, None], 0.0)
-    mask = c_mask[:, None] & p_mask[None, :]
-    ptrs = dx_ptr + b * stride_db + offs_c[:, None] * stride_dc + (ph * stride_dh + pw * stride_dw)[None, :]
-    tl.store(ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+    if not CHANNELS_LAST:  # the (channel, pixel) tile written as one flat run: rearranged in shared memory
+        f = tl.arange(0, FLAT)
+        f_ok = (f < BLOCK_C * HW) & (c0 * HW + f < C * HW)
+        f_src = tl.minimum(f // HW, BLOCK_C - 1) * HWP + (f - (f // HW) * HW)
+    for si in range(0, SAMPLES):
+        b = s0 + si
+        bl = b.to(tl.int64)
+        # (the sample test as a vector: the interpreter rejects a scalar bool in a mask)
+        b_p = p * 0 + b < B
+        if CONCAT:
+            dfeat_base = dfeat_ptr + bl * (2 * nbins)
+        else:
+            dfeat_base = dfeat_ptr + bl * nbins
+        da = tl.load(dfeat_base + kk, mask=k_ok & (kk * 0 + b < B), other=0.0)
+        acc = tl.dot(da, spread, input_precision="ieee")  # (BLOCK_C, HWP)
+        dsp_base = dsp_ptr + bl * (2 * HW)
+        dmax_c = tl.load(dsp_base + p, mask=p_ok & b_p, other=0.0)
+        dmean_c = tl.load(dsp_base + HW + p, mask=p_ok & b_p, other=0.0)
+        sidx = tl.load(spidx_ptr + bl * HW + p, mask=p_ok & b_p, other=-1)
+        acc += (dmean_c / C)[None, :] + tl.where(c[:, None] == sidx[None, :], dmax_c[None, :], 0.0)
+        # max gradients to the saved argmax pixel of each bin
+        for tb in tl.static_range(0, 14):
+            if tb == 0:
+                k_t = c
+            elif tb < 5:
+                k_t = C + c * 4 + (tb - 1)
+            else:
+                k_t = 5 * C + c * 9 + (tb - 5)
+            m_t = c_ok & (c * 0 + b < B)
+            if CONCAT:
+                dm = tl.load(dfeat_base + nbins + k_t, mask=m_t, other=0.0)
+            else:
+                dm = tl.load(dfeat_base + k_t, mask=m_t, other=0.0)
+            widx = tl.load(fidx_ptr + bl * nbins + k_t, mask=m_t, other=-1)
+            acc += tl.where(p[None, :] == widx[:, None], dm[:, None], 0.0)
+        out_ty = dx_ptr.dtype.element_ty
+        if CHANNELS_LAST:
+            tl.store(dx_ptr + bl * stride_db + p[:, None] * C + c[None, :], tl.trans(acc).to(out_ty),
+                     mask=(p_ok & b_p)[:, None] & c_ok[None, :])
+        else:
+            flat = tl.gather(tl.reshape(acc, (BLOCK_C * HWP,)), f_src, 0)
+            tl.store(dx_ptr + bl * stride_db + c0 * HW + f, flat.to(out_ty), mask=f_ok & (f * 0 + b < B))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -459,14 +485,6 @@ def _pow2(n: int) -> int:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
-
-
-@functools.lru_cache(maxsize=None)
-def _tile(C: int, H: int, W: int, target: int = 4096):
-    """(BLOCK_C, BLOCK_P, num_warps) of the pooling backward: a (BLOCK_C, BLOCK_P) tile of ~``target``."""
-    block_p = _pow2(H * W)
-    block_c = max(1, min(_pow2(C), target // block_p))
-    return block_c, block_p, (4 if block_c * block_p <= 2048 else 8)
 
 
 def _hwp(H: int, W: int) -> int:
@@ -618,13 +636,16 @@ def afd_pool_backward(x: torch.Tensor, dfeat: torch.Tensor, feat_idx: torch.Tens
         return pool_backward_torch(x, dfeat, feat_idx, dsp, sp_idx, concat)
     B, C, H, W = x.shape
     dfeat, feat_idx, dsp, sp_idx = dfeat.contiguous(), feat_idx.contiguous(), dsp.contiguous(), sp_idx.contiguous()
-    dx = torch.empty_like(x)
-    block_c, block_p, warps = _tile(int(C), int(H), int(W))
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    dx = torch.empty_like(x, memory_format=torch.channels_last if cl else torch.contiguous_format)
     if _shapes_only(x):
         return dx
-    wrap_triton(_afd_pool_bwd_kernel)[(B, _cdiv(C, block_c))](
-        dfeat, feat_idx, dsp, sp_idx, dx, C, *dx.stride(),
-        H=int(H), W=int(W), CONCAT=concat, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
+    block_c, flat, warps = _apply_tile(int(C), int(H), int(W), x.is_cuda)
+    samples = 4 if x.is_cuda else 1  # the block's tables serve 4 samples
+    wrap_triton(_afd_pool_bwd_kernel)[(_cdiv(B, samples), _cdiv(C, block_c))](
+        dfeat, feat_idx, dsp, sp_idx, dx, B, C, dx.stride(0),
+        H=int(H), W=int(W), CONCAT=concat, CHANNELS_LAST=cl, BLOCK_C=block_c, HWP=_hwp(H, W), FLAT=flat,
+        SAMPLES=samples, num_warps=warps)
     return dx
 
 
