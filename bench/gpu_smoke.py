@@ -55,6 +55,21 @@ def afd(dev):
             check(tag + " grad x", xf.grad, x.grad)
             for (n, p), q in zip(ref.named_parameters(), fast.parameters()):
                 check(f"{tag} grad {n}", q.grad, p.grad)
+        # inference (nothing to differentiate): the three-launch afd_eval path, NCHW and channels_last
+        ref = randomize_(reference.AttentionModule(512, 16, variant), seed=2).to(dev).eval()
+        fast = getattr(layers, "FusedAttentionModule")(512, 16, variant).to(dev).eval()
+        fast.load_state_dict(ref.state_dict())
+        for dtype in (torch.float32, torch.bfloat16):
+            for cl in (False, True):
+                x = torch.randn(37, 512, 7, 7, device=dev)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.no_grad():
+                    want = ref(x)
+                    got = fast.to(dtype)(x.to(dtype))
+                for name, u, v in zip(("x_id", "x_age"), got, want):
+                    check(f"afd {variant} eval no-grad {name} {dtype} {'NHWC' if cl else 'NCHW'}", u, v, dtype)
+            fast.float()
 
 
 # Smallest distance, relative to the RMS of a PReLU's input, that the checked inputs keep from the kink.

@@ -13,7 +13,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .configs import pick
-from .utils import check_same_device, register_decomposition
+from .utils import check_same_device, register_decomposition, use_kernel
 
 
 def _configs():
@@ -62,14 +62,6 @@ def noise_bias_lrelu_reference(x: torch.Tensor, noise: torch.Tensor, strength: t
     return torch.nn.functional.leaky_relu(z, slope) * gain
 
 
-def _is_fake(t: torch.Tensor) -> bool:
-    try:
-        from torch._subclasses.fake_tensor import is_fake
-    except ImportError:  # pragma: no cover - moved in some torch version
-        return False
-    return bool(is_fake(t))
-
-
 def _is_channels_last(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
@@ -112,10 +104,7 @@ def noise_bias_lrelu_forward(x: torch.Tensor, noise: torch.Tensor, strength: tor
 @triton_op("mtlface_fast::noise_bias_lrelu", mutates_args=())
 def noise_bias_lrelu_op(x: torch.Tensor, noise: torch.Tensor, strength: torch.Tensor, bias: torch.Tensor,
                         slope: float, gain: float) -> torch.Tensor:
-    from mtlface_fast.backend import interpreter_enabled
-    # CPU tensors take the aten path, except in the Triton interpreter (tests); the interpreter cannot
-    # run a kernel on FakeTensors (shape propagation), so those take the aten path as well.
-    if x.device.type != "cuda" and (not interpreter_enabled() or _is_fake(x)):
+    if not use_kernel(x):  # CPU without the interpreter, and traced CPU tensors: the aten twin
         return noise_bias_lrelu_reference(x, noise, strength, bias, slope, gain)
     return noise_bias_lrelu_forward(x, noise, strength, bias, slope, gain)
 

@@ -1,145 +1,37 @@
 """Fused AFD (attention-based feature decomposition): same keys and behaviour as the reference module.
 
-The reference ``AttentionModule`` runs about forty small ops; the fused one runs three stages:
+The reference ``AttentionModule`` runs about forty small ops. The fused one, with the Triton backend:
 
-1. ``pool``: one pass over ``x`` that gives the channel-MLP input (SPP avg/max at sizes 1, 2, 3, summed
-   for CVPR or concatenated for TPAMI) and the spatial-branch input (max and mean over channels), in
-   fp32, plus the argmax of every max so that backward routes gradients like PyTorch does.
-2. the two small branches on those pooled tensors (channel MLP as two GEMMs, 7x7 spatial conv, their
-   BatchNorms and sigmoids); in eval mode each BatchNorm is folded into the layer before it (cached,
-   rebuilt when a parameter or statistic changes); in train mode the batch statistics are fp32 and the
-   running statistics are updated like ``nn.BatchNorm2d`` (unbiased variance, the module's momentum).
-3. ``apply``: one pass over ``x`` that writes both ``x_id`` and ``x_age``.
+* eval, nothing to differentiate: ``afd_eval``, three kernels (pooling; the channel MLP's first GEMM + ReLU
+  and the spatial branch; the second GEMM + sigmoid fused into the pass that writes ``x_id`` and
+  ``x_age``), with every BatchNorm folded (cached, rebuilt when a parameter or statistic changes) and the
+  7x7 spatial convolution as a matrix on the map;
+* otherwise three stages: ``pool`` (one pass over ``x``: the channel-MLP input, SPP avg/max at sizes 1, 2,
+  3, summed for CVPR or concatenated for TPAMI, and the spatial-branch input, max and mean over channels,
+  in fp32, plus the argmax of every max so that backward routes gradients like PyTorch does); the two
+  branches as PyTorch ops (train: fp32 batch statistics, running statistics updated like
+  ``nn.BatchNorm2d``, unbiased variance, the module's momentum); ``apply`` (one pass that writes both
+  outputs). All differentiable.
 
-Stages 1 and 3 are Triton kernels (:mod:`mtlface_fast.kernels.afd`) when
-:func:`mtlface_fast.backend.use_triton_for` says so, else the PyTorch functions below, which compute the
-same math and also serve as the kernels' decompositions for export.
+The kernels live in :mod:`mtlface_fast.kernels.afd`, their PyTorch twins (the torch backend, and the
+decompositions for export) in :mod:`mtlface_fast.kernels.afd_torch`, re-exported here.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..backend import use_triton_for
-from ..reference.afd import SPP_SIZES, AttentionModule
+from ..reference.afd import SPP_SIZES, AttentionModule  # noqa: F401 (SPP_SIZES: public name kept)
+from ..kernels.afd_torch import (SPP_BINS, apply_backward_torch, apply_torch, pool_backward_torch,  # noqa: F401
+                                 pool_torch, stats_dtype)
 from .fold import fold_bn
 
-SPP_BINS = sum(s * s for s in SPP_SIZES)  # 14 pooled values per channel and pooling kind
 MAX_PIXELS = 4096  # H*W of one feature map held by one kernel tile row (64x64)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of pooled features, scales and statistics: fp32 (fp64 for fp64 inputs, for gradcheck)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ----------------------------------------------------------------------------------------------------
-# PyTorch implementation of the two passes over x (torch backend, and the kernels' decompositions)
-# ----------------------------------------------------------------------------------------------------
-
-def pool_torch(x: torch.Tensor, concat: bool, with_idx: bool = True
-               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pooled inputs of both AFD branches.
-
-    Args:
-        x: (B, C, H, W) feature map.
-        concat: TPAMI layout (avg then max, concatenated) when True, CVPR (avg + max) when False.
-        with_idx: return the argmax indices (needed for backward); when False they are empty tensors.
-
-    Returns:
-        feat: (B, 14C) or (B, 28C) channel-MLP input in (size, c, i, j) order, fp32.
-        feat_idx: (B, 14C) int32, flat pixel index (h*W + w) of every max-SPP bin ((B, 0) without idx).
-        sp: (B, 2, H, W) fp32, [max over channels, mean over channels].
-        sp_idx: (B, H, W) int32, channel of the max of every pixel ((B, 0, 0) without idx).
-    """
-    xs = x.to(stats_dtype(x.dtype))
-    avg, mx, idx = [], [], []
-    for s in SPP_SIZES:
-        avg.append(F.adaptive_avg_pool2d(xs, s).flatten(1))
-        m, i = F.adaptive_max_pool2d(xs, s, return_indices=True)
-        mx.append(m.flatten(1))
-        idx.append(i.flatten(1))
-    avg, mx = torch.cat(avg, 1), torch.cat(mx, 1)
-    feat = torch.cat([avg, mx], 1) if concat else avg + mx
-    cmax, cidx = xs.max(1)
-    sp = torch.stack([cmax, xs.mean(1)], 1).contiguous()
-    if not with_idx:
-        B = x.shape[0]
-        return feat, x.new_empty((B, 0), dtype=torch.int32), sp, x.new_empty((B, 0, 0), dtype=torch.int32)
-    return feat, torch.cat(idx, 1).to(torch.int32), sp, cidx.to(torch.int32).contiguous()
-
-
-def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``t`` in x's dtype and memory format (the layout the kernels write: that of ``empty_like(x)``)."""
-    fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-           else torch.contiguous_format)
-    return t.to(x.dtype).contiguous(memory_format=fmt)
-
-
-def _mask(cs: torch.Tensor, ss: torch.Tensor) -> torch.Tensor:
-    return (cs[:, :, None, None] + ss[:, None]) * 0.5
-
-
-def apply_torch(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor, att_is_age: bool
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(x_id, x_age) from x (B, C, H, W), channel scale cs (B, C) and spatial scale ss (B, H, W).
-
-    The attended part is ``x * (cs + ss) / 2`` and the residual part ``x - attended``; CVPR
-    (``att_is_age``) calls the attended part x_age, TPAMI calls it x_id. Computed in fp32.
-    """
-    xs = x.to(cs.dtype)
-    att = xs * _mask(cs, ss)
-    res = xs - att
-    att, res = _like(att, x), _like(res, x)
-    return (res, att) if att_is_age else (att, res)
-
-
-def apply_backward_torch(x: torch.Tensor, cs: torch.Tensor, ss: torch.Tensor, g_id: torch.Tensor,
-                         g_age: torch.Tensor, att_is_age: bool
-                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dx, dcs, dss) of :func:`apply_torch` given the gradients of x_id and x_age."""
-    acc = cs.dtype
-    g_att, g_res = (g_age, g_id) if att_is_age else (g_id, g_age)
-    g_res = g_res.to(acc)
-    d = g_att.to(acc) - g_res
-    dx = _like(g_res + d * _mask(cs, ss), x)
-    dm = d * x.to(acc) * 0.5
-    return dx, dm.sum((2, 3)), dm.sum(1)
-
-
-def _windows(size: int, s: int, device, dtype) -> torch.Tensor:
-    """(s, size) 0/1 matrix of PyTorch's adaptive windows [floor(i*size/s), ceil((i+1)*size/s)) on one axis."""
-    m = torch.zeros(s, size, device=device, dtype=dtype)
-    for i in range(s):
-        m[i, (i * size) // s: -(-((i + 1) * size) // s)] = 1
-    return m
-
-
-def pool_backward_torch(x: torch.Tensor, dfeat: torch.Tensor, feat_idx: torch.Tensor, dsp: torch.Tensor,
-                        sp_idx: torch.Tensor, concat: bool) -> torch.Tensor:
-    """dx of :func:`pool_torch` given d(feat) and d(sp); max gradients go to the saved argmax."""
-    B, C, H, W = x.shape
-    acc = dfeat.dtype
-    nb = SPP_BINS * C
-    davg, dmax = (dfeat[:, :nb], dfeat[:, nb:]) if concat else (dfeat, dfeat)
-    dx = torch.zeros(B, C, H * W, device=x.device, dtype=acc)
-    off = 0
-    for s in SPP_SIZES:
-        n = C * s * s
-        da = davg[:, off:off + n].reshape(B, C, s, s)
-        rh, rw = _windows(H, s, x.device, acc), _windows(W, s, x.device, acc)
-        count = rh.sum(1)[:, None] * rw.sum(1)[None, :]
-        dx += torch.einsum("bcij,ih,jw->bchw", da / count, rh, rw).reshape(B, C, H * W)
-        dx.scatter_add_(2, feat_idx[:, off:off + n].reshape(B, C, s * s).long(),
-                        dmax[:, off:off + n].reshape(B, C, s * s))
-        off += n
-    dx += dsp[:, 1].reshape(B, 1, H * W) / C
-    dx.scatter_add_(1, sp_idx.reshape(B, 1, H * W).long(), dsp[:, 0].reshape(B, 1, H * W))
-    return _like(dx.view(B, C, H, W), x)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -221,12 +113,23 @@ class FusedAttentionModule(AttentionModule):
         if x.device != w.device:
             raise ValueError(f"x is on {x.device} but the module's parameters are on {w.device}")
 
-    def _build_eval(self, compute_dtype: torch.dtype):
+    def _build_eval(self, compute_dtype: torch.dtype, hw: Optional[Tuple[int, int]] = None):
+        """BN-folded eval operands in ``compute_dtype`` (GEMM weights) and its stats dtype (biases, the
+        spatial weight). With ``hw = (H, W)`` also ``ts``: the folded 7x7 convolution on an H x W map as a
+        (2, HW, HW) matrix, the convolution of the one-hot basis (each entry one weight: exact)."""
         acc = stats_dtype(compute_dtype)
         w2, b2 = fold_bn(self.channel[2].weight.flatten(1), self.channel[3])
         ws, bs = fold_bn(self.spatial[0].weight, self.spatial[1])
-        return dict(w1=self.channel[0].weight.flatten(1).to(compute_dtype), w2=w2.to(compute_dtype),
-                    b2=b2.to(acc), ws=ws.to(acc), bs=bs.to(acc))
+        ops = dict(w1=self.channel[0].weight.flatten(1).to(compute_dtype), w2=w2.to(compute_dtype),
+                   b2=b2.to(acc), ws=ws.to(acc), bs=bs.to(acc))
+        if hw is not None:
+            H, W = hw
+            ws = ops["ws"]
+            basis = torch.eye(2 * H * W, device=ws.device, dtype=acc).view(2 * H * W, 2, H, W)
+            with torch.autocast(ws.device.type, enabled=False):
+                ts = F.conv2d(basis, ws, padding=self.spatial[0].padding)
+            ops["ts"] = ts.reshape(2, H * W, H * W)
+        return ops
 
     def _fold_sources(self) -> Tuple[Tuple[torch.Tensor, ...], Tuple[float, float]]:
         """Every tensor and the two BN epsilons that :meth:`_build_eval` reads. Runs on every eval forward,
@@ -239,28 +142,31 @@ class FusedAttentionModule(AttentionModule):
                  b3["running_mean"], b3["running_var"], sp["0"]._parameters["weight"], p1["weight"], p1["bias"],
                  b1["running_mean"], b1["running_var"]), (c3.eps, s1.eps))
 
-    def _eval_operands(self, compute_dtype: torch.dtype):
+    def _eval_operands(self, compute_dtype: torch.dtype, hw: Optional[Tuple[int, int]] = None):
         """BN-folded operands in the compute dtype, cached until a parameter or statistic changes.
 
         Built inline (differentiable, traceable) under torch.compile or when a parameter wants a gradient,
         and on every call for parameters made under ``torch.inference_mode`` (which have no version counter).
         """
         if torch.compiler.is_compiling():
-            return self._build_eval(compute_dtype)
+            return self._build_eval(compute_dtype, hw)
         sources, eps = self._fold_sources()
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
-            return self._build_eval(compute_dtype)
+            return self._build_eval(compute_dtype, hw)
         if any(t.is_inference() for t in sources):  # made under inference_mode: no version counters to key on
             with torch.no_grad():
-                return self._build_eval(compute_dtype)
+                return self._build_eval(compute_dtype, hw)
         key = (tuple((t.data_ptr(), t._version) for t in sources), sources[0].device, eps)
         if key != self._eval_key:
             self._eval_key, self._eval_keep, self._eval_ops = key, tuple(t.detach() for t in sources), {}
-        operands = self._eval_ops.get(compute_dtype)
+        operands = self._eval_ops.get((compute_dtype, hw))
         if operands is None:
             with torch.no_grad():
-                operands = self._eval_ops[compute_dtype] = self._build_eval(compute_dtype)
+                operands = self._eval_ops[(compute_dtype, hw)] = self._build_eval(compute_dtype, hw)
         return operands
+
+    def _grad_wanted(self) -> bool:
+        return any(t.requires_grad for t in self._fold_sources()[0])
 
     def branch_scales(self, feat: torch.Tensor, sp: torch.Tensor, compute_dtype: torch.dtype
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -291,6 +197,9 @@ class FusedAttentionModule(AttentionModule):
         att_is_age = self.variant == "cvpr"
         if use_triton_for(x):
             from ..kernels import afd as ops
+            if not self.training and not (torch.is_grad_enabled() and (x.requires_grad or self._grad_wanted())):
+                p = self._eval_operands(x.dtype, (int(x.shape[2]), int(x.shape[3])))
+                return ops.eval_forward(x, p["w1"], p["w2"], p["b2"], p["ts"], p["bs"], concat, att_is_age)
             pool, apply = ops.pool, ops.apply
         else:
             pool, apply = pool_torch, apply_torch
