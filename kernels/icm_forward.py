@@ -220,14 +220,18 @@ def _use_kernel(x: torch.Tensor) -> bool:
 
 
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(int(n)))
+    return max(lo, 1 << (int(n) - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def padded_sizes(cin: int, unit: int, cout: int):
     """(CINP, UP, COUTP, BLOCK_KX, BLOCK_NO): the packed operands' padded widths and the conv1 / conv2 chunks."""
     bkx = 64 if cin >= 64 else _pow2(cin)
     bno = 128 if cout >= 128 else _pow2(cout)
-    return triton.cdiv(cin, bkx) * bkx, _pow2(unit), triton.cdiv(cout, bno) * bno, bkx, bno
+    return _cdiv(cin, bkx) * bkx, _pow2(unit), _cdiv(cout, bno) * bno, bkx, bno
 
 
 def tile_rows(h: int, w: int):
@@ -280,7 +284,7 @@ def _launch(x, groups, w1, w3, w2, v1, v3, v2, unit, cout, norm_in, out_act, eps
     y = torch.empty((B, cout, H, W), device=x.device, dtype=w1.dtype)
     if B == 0:
         return y
-    n_prog = triton.cdiv(B, spt) + G + 1  # an upper bound of the tile count, + the NaN-writing program
+    n_prog = _cdiv(B, spt) + G + 1  # an upper bound of the tile count, + the NaN-writing program
     scratch = torch.empty((n_prog, 2, spt * hwp, up), device=x.device, dtype=w1.dtype)
     wrap_triton(_icm_fwd_kernel)[(n_prog,)](
         x, groups, w1, w3, w2, v1, v3, v2, scratch, y,

@@ -92,10 +92,12 @@ def count_launches(as_cuda: bool = True):
         setattr(owner, name, value)
 
     def stub_run(self, *args, grid=None, **kwargs):
-        fn = self
+        fn, meta = self, dict(kwargs)
+        if isinstance(self, Autotuner):
+            meta.update(self.configs[0].kwargs)  # the first config, as the interpreter's autotuner takes
         while hasattr(fn, "fn"):
             fn = fn.fn
-        g = grid(kwargs) if callable(grid) else grid
+        g = grid(meta) if callable(grid) else grid
         rec.triton.append((getattr(fn, "__name__", repr(fn)), tuple(g)))
         return None
 

@@ -61,7 +61,15 @@ class IcmLayer(NamedTuple):
 
 
 def icm_layers(module: ICMBase) -> List[IcmLayer]:
-    """Every layer of the ICM in order: conv1, the two 3x3 convolutions of each block, conv2."""
+    """Every layer of the ICM in order: conv1, the two 3x3 convolutions of each block, conv2 (walked once per
+    module: its children are fixed after construction, as the reference's are)."""
+    layers = module.__dict__.get("_icm_layers")
+    if layers is None:
+        layers = module.__dict__["_icm_layers"] = _walk(module)
+    return layers
+
+
+def _walk(module: ICMBase) -> List[IcmLayer]:
     c1, c2 = module.conv1, module.conv2
     out = [IcmLayer(c1[0], c1[1], c1[2], False, True, False)]
     for block in module.transform:
@@ -150,21 +158,27 @@ class WeightsCache:
         self.build, self.entries = build, {}
 
     def get(self, module: nn.Module, dtype: torch.dtype):
-        slots = module.__dict__.get("_icm_tensor_slots")
-        if slots is None:
-            slots = [(m, n) for m in module.modules() for n in list(m._parameters) + list(m._buffers)]
-            module.__dict__["_icm_tensor_slots"] = slots
-        tensors = [getattr(m, n) for m, n in slots]
-        tensors = [t for t in tensors if t is not None]
+        tensors = [d[n] for d, n in _tensor_slots(module)]
         sig = (sum(t._version for t in tensors), sum(t.data_ptr() for t in tensors))
         entry = self.entries.get(dtype)
-        if entry is not None and entry[1] == sig and len(entry[0]) == len(tensors) and \
-                all(a is b for a, b in zip(entry[0], tensors)):
+        if entry is not None and entry[1] == sig and all(a is b for a, b in zip(entry[0], tensors)):
             return entry[2]
         with torch.no_grad():
             params = self.build(module, dtype)
         self.entries[dtype] = (tensors, sig, params)
         return params
+
+
+def _tensor_slots(module: nn.Module):
+    """(dict, name) of every parameter and buffer of the module tree (read straight from the modules'
+    ``_parameters`` / ``_buffers``: no ``Module.__getattr__`` per tensor). The tree is walked once; its
+    modules are fixed after construction, as the reference's are."""
+    slots = module.__dict__.get("_icm_tensor_slots")
+    if slots is None:
+        slots = [(d, n) for m in module.modules() for d in (m._parameters, m._buffers) for n, t in d.items()
+                 if t is not None]
+        module.__dict__["_icm_tensor_slots"] = slots
+    return slots
 
 
 def module_cache(module: nn.Module, name: str, build: Callable) -> WeightsCache:
