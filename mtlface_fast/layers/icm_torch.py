@@ -243,17 +243,15 @@ def compact_icm_torch(module: ICMBase, x_id: torch.Tensor, groups: torch.Tensor,
         return _compact_icm_grouped(module, xs_sorted, segs, windows).index_select(0, inverse)
     xs = [xs_sorted[off:off + n] for _, off, n in segs]
 
-    conv, norm, act = module.conv1[0], module.conv1[1], module.conv1[2]
-    hs = _conv_norm(conv, norm, xs, windows, False, True, bn_stats)
-    hs = [apply_act(act, h, w) for h, w in zip(hs, windows)]
-    for block in module.transform:
-        ys = _conv_norm(block.conv1[0], block.conv1[1], hs, windows, True, True, bn_stats)
-        ys = [apply_act(block.relu1, y, w) for y, w in zip(ys, windows)]
-        ys = _conv_norm(block.conv2[0], block.conv2[1], ys, windows, True, True, bn_stats)
-        hs = [apply_act(block.relu2, h + y, w) for h, y, w in zip(hs, ys, windows)]
-    c2 = module.conv2
-    outs = _conv_norm(c2[0], c2[1] if len(c2) > 1 else None, hs, windows, True, False, bn_stats)
-    if len(c2) > 2:
-        outs = [apply_act(c2[2], o, slice(None)) for o in outs]
+    hs, block_in = xs, None
+    for layer in icm_layers(module):
+        if layer.win_in and layer.win_out and not layer.takes_residual:
+            block_in = hs  # the residual of this block's second convolution
+        ys = _conv_norm(layer.conv, layer.norm, hs, windows, layer.win_in, layer.win_out, bn_stats)
+        if layer.takes_residual:
+            ys = [r + y for r, y in zip(block_in, ys)]
+        out_ws = windows if layer.win_out else [slice(None)] * len(windows)
+        hs = [apply_act(layer.act, y, w) for y, w in zip(ys, out_ws)]
+    outs = hs
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
     return out.index_select(0, inverse)

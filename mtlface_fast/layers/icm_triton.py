@@ -208,12 +208,13 @@ def _compact_icm_ops(module: ICMBase, x_id: torch.Tensor, groups: torch.Tensor, 
             y = residual + y
         return act_of(act, y, out_win) if act is not None else y
 
-    h = layer(x, module.conv1[0], module.conv1[1], module.conv1[2], False, True)
-    for block in module.transform:
-        y = layer(h, block.conv1[0], block.conv1[1], block.relu1, True, True)
-        h = layer(y, block.conv2[0], block.conv2[1], block.relu2, True, True, residual=h)
-    c2 = module.conv2
-    out = layer(h, c2[0], c2[1] if len(c2) > 1 else None, c2[2] if len(c2) > 2 else None, True, False)
+    h, block_in = x, None
+    for lay in icm_layers(module):
+        if lay.win_in and lay.win_out and not lay.takes_residual:
+            block_in = h  # the residual of this block's second convolution
+        h = layer(h, lay.conv, lay.norm, lay.act, lay.win_in, lay.win_out,
+                  residual=block_in if lay.takes_residual else None)
+    out = h
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(B, device=dev)
     return out.index_select(0, inverse)
