@@ -200,3 +200,19 @@ def test_training_forward_backward_has_no_host_sync(full_size):
     with use_backend("triton"), count_launches() as rec:
         m.icm(x, g).sum().backward()
     check_budget(rec, None, 0, "training forward + backward")
+
+
+@triton_only
+def test_poisoned_output_and_scratch(monkeypatch):
+    # NaN in every buffer the launcher allocates (output and scratch): the kernel writes every valid output and
+    # never reads a scratch value it has not written (padded pixels, empty sample slots, both variants).
+    real_empty = torch.empty
+    monkeypatch.setattr(KF.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    for variant in ("cvpr", "tpami"):
+        ref, fast = _pair(variant, 4, 0.25, 16, seed=10)
+        x = torch.randn(5, 12, 3, 3, device=DEV)  # SPT = 4: two tiles of group 1, one with three empty slots
+        g = torch.tensor([1, 1, 1, 1, 1], device=DEV)
+        with use_backend("triton"), torch.no_grad():
+            got = fast.to(DEV).icm(x, g)
+            assert torch.isfinite(got).all()
+            assert_close(got, ref.to(DEV).icm(x, g), name=f"{variant} poisoned buffers")
