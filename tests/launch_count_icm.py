@@ -74,15 +74,16 @@ class _AtenCounter(TorchDispatchMode):
 def _site() -> str:
     for frame in reversed(traceback.extract_stack()[:-2]):
         if "/torch/" not in frame.filename and not frame.filename.endswith("launch_count_icm.py"):
-            return f"{frame.filename.rsplit('/', 3)[-1] if '/' in frame.filename else frame.filename}:{frame.lineno}"
+            return f"{'/'.join(frame.filename.split('/')[-3:])}:{frame.lineno}"
     return "?"
 
 
 @contextlib.contextmanager
 def count_launches(as_cuda: bool = True):
     """Record the launches and host syncs of the block (see the module docstring)."""
-    import triton
     from triton.runtime.autotuner import Autotuner
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
 
     rec = Record()
     patches = []
@@ -118,8 +119,8 @@ def count_launches(as_cuda: bool = True):
         return wrapper
 
     patch(Autotuner, "run", stub_run)
-    for cls in {type(triton.jit(_probe))}:
-        patch(cls, "run", stub_run)
+    patch(JITFunction, "run", stub_run)
+    patch(InterpretedFunction, "run", stub_run)
     for name in SYNC_METHODS:
         patch(torch.Tensor, name, sync_method(name))
     for name in SYNC_FUNCTIONS:
@@ -139,10 +140,6 @@ def count_launches(as_cuda: bool = True):
 
 
 _MISSING = object()
-
-
-def _probe(x):  # a function to learn the class @triton.jit makes here (interpreter or JIT)
-    pass
 
 
 def check_budget(rec: Record, launches: Optional[int] = None, syncs: int = 0, what: str = "call") -> None:

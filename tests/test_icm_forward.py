@@ -216,3 +216,22 @@ def test_poisoned_output_and_scratch(monkeypatch):
             got = fast.to(DEV).icm(x, g)
             assert torch.isfinite(got).all()
             assert_close(got, ref.to(DEV).icm(x, g), name=f"{variant} poisoned buffers")
+
+
+def test_counter_sees_launches_and_syncs():
+    # The budget tests above are only as good as the counter: it must see aten launches, host reads and
+    # (stubbed) Triton launches, and check_budget must fail with the record.
+    with count_launches(as_cuda=False) as rec:
+        t = torch.arange(6.0) + 1
+        if t.sum() > 0:  # Tensor.__bool__
+            t.max().item()
+        torch.bincount(torch.tensor([0, 2, 2]))
+        _, fast = _pair("cvpr", 4, 0.25, 8, seed=11)
+        with use_backend("triton"), torch.no_grad():
+            KF.icm_forward(torch.randn(2, 12, 3, 3), torch.tensor([0, 3]), *pack_forward(fast, torch.float32),
+                           8, 12, False, True, 0.0)
+    assert {"add", "sum", "max"} <= set(rec.aten)
+    assert [name for name, _ in rec.syncs][:3] == ["Tensor.__bool__", "Tensor.item", "torch.bincount"]
+    assert [name for name, _ in rec.triton] == ["_icm_fwd_kernel"]
+    with pytest.raises(AssertionError, match="budget 1 launches / 0 syncs exceeded"):
+        check_budget(rec, 1, 0, "counter")
