@@ -39,10 +39,12 @@ ACT_NONE, ACT_PRELU, ACT_LEAKY = 0, 1, 2
 
 
 def _conv_configs():
-    # BLOCK_M (rows of one group) is chosen by the host with the tile table; these tune the rest.
+    # BLOCK_M (rows of one group) is chosen by the host with the tile table; these tune the rest. The operands
+    # are strided gathers (channel stride H * W), so the pipeline prefetches into registers, not cp.async:
+    # two stages at most, and 8 warps for 64-wide tiles, or the prefetched tiles and their pointers spill
+    # (sm_90 SASS, bench/README_icm.md).
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in ((64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3),
-                                 (32, 32, 2, 3), (64, 32, 4, 4))]
+            for bn, bk, w, s in ((64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2))]
 
 
 def _wgrad_configs():
@@ -108,22 +110,25 @@ def _icm_conv_fwd_kernel(
         else:
             ci0 = 0
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kh in tl.static_range(KS):
-            for kw in tl.static_range(KS):
-                ih = ph + (kh - KS // 2)
-                iw = pw + (kw - KS // 2)
-                pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                x_row = x_ptr + b * sxb + ih * sxh + iw * sxw
-                w_tap = w_ptr + w_off + kh * swh + kw * sww + co * swo
-                for k0 in range(0, CIN, BLOCK_K):
-                    k = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = k < CIN
-                    a = tl.load(x_row[:, None] + k[None, :] * sxc, mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
-                    wt = tl.load(w_tap[None, :] + (ci0 + k)[:, None] * swi, mask=k_ok[:, None] & n_ok[None, :],
-                                 other=0.0)
-                    if DOT_F32:
-                        a, wt = a.to(tl.float32), wt.to(tl.float32)
-                    acc += tl.dot(a, wt, input_precision=DOT_PREC)
+        # One loop over (tap, channel chunk) rather than a loop per unrolled tap: one software pipeline, and
+        # no per-tap address vectors held live across the taps (those spilled).
+        n_k = (CIN + BLOCK_K - 1) // BLOCK_K
+        for it in range(0, KS * KS * n_k):
+            tap = it // n_k
+            kh = tap // KS
+            kw = tap % KS
+            k = (it % n_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+            ih = ph + (kh - KS // 2)
+            iw = pw + (kw - KS // 2)
+            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            k_ok = k < CIN
+            a = tl.load((x_ptr + b * sxb + ih * sxh + iw * sxw)[:, None] + k[None, :] * sxc,
+                        mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load((w_ptr + w_off + kh * swh + kw * sww + co * swo)[None, :] + (ci0 + k)[:, None] * swi,
+                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if DOT_F32:
+                a, wt = a.to(tl.float32), wt.to(tl.float32)
+            acc = tl.dot(a, wt, acc, input_precision=DOT_PREC)
         # Epilogue in fp32: folded BN / bias, residual, activation; one rounding to the output dtype.
         if HAS_SCALE:
             acc = acc * tl.load(scale_ptr + co, mask=n_ok, other=0.0)[None, :]
