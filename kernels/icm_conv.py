@@ -23,7 +23,6 @@ their aten reference.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -33,7 +32,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .configs import pick
-from .utils import check_same_device, register_decomposition
+from .utils import check_same_device, register_decomposition, use_kernel
 
 ACT_NONE, ACT_PRELU, ACT_LEAKY = 0, 1, 2
 
@@ -206,25 +205,6 @@ def _icm_conv_wgrad_kernel(
 
 
 # -- host side ---------------------------------------------------------------------------------------
-
-def _is_fake(x: torch.Tensor) -> bool:
-    try:
-        from torch._subclasses.fake_tensor import is_fake
-    except ImportError:  # pragma: no cover - very old or very new torch
-        return x.device.type == "meta"
-    return is_fake(x) or x.device.type == "meta"
-
-
-def _use_kernels(x: torch.Tensor) -> bool:
-    """CUDA tensors launch the kernels (wrap_triton also traces them under compile/export). CPU tensors
-    run them in the Triton interpreter when it is on, eagerly only: a traced CPU op runs the aten
-    reference, which is also what the interpreter-less CPU path computes."""
-    if x.is_cuda:
-        return True
-    if x.device.type != "cpu" or _is_fake(x) or torch.compiler.is_compiling():
-        return False
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def _dot_f32(x: torch.Tensor) -> bool:
     """bf16/fp16 tiles are multiplied as fp32 in the Triton interpreter, whose low-precision ``tl.dot`` is
@@ -412,7 +392,7 @@ def icm_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     """
     _check(x, weight, offsets, starts, unit, in_win, out_win)
     n_out = unit if out_win else weight.size(0)
-    if not _use_kernels(x):
+    if not use_kernel(x):
         return _ref_conv(x, weight, bias, offsets, starts, unit, in_win, out_win)
     return _launch_conv(x, weight, offsets, starts, unit, in_win, out_win, n_out,
                         shift=None if bias is None else bias.float())
@@ -422,7 +402,7 @@ def icm_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 def icm_conv_grad_input(dy: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, starts: torch.Tensor,
                         unit: int, in_win: bool, out_win: bool, cin: int) -> torch.Tensor:
     """Input gradient of ``icm_conv``: (B, unit or C_out, H, W) -> (B, cin, H, W)."""
-    if not _use_kernels(dy):
+    if not use_kernel(dy):
         return _ref_grad_input(dy, weight, offsets, starts, unit, in_win, out_win, cin)
     # The transposed convolution is the forward kernel on the flipped, transposed block: windows swap.
     return _launch_conv(dy.contiguous(), weight, offsets, starts, unit, out_win, in_win, cin, transpose=True)
@@ -432,7 +412,7 @@ def icm_conv_grad_input(dy: torch.Tensor, weight: torch.Tensor, offsets: torch.T
 def icm_conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
                          starts: torch.Tensor, unit: int, in_win: bool, out_win: bool) -> torch.Tensor:
     """Weight gradient of ``icm_conv`` (full weight shape, weight's dtype; fp32 accumulation)."""
-    if not _use_kernels(dy):
+    if not use_kernel(dy):
         return _ref_grad_weight(dy, x, weight, offsets, starts, unit, in_win, out_win)
     c_out, c_in, ks, _ = weight.shape
     B, cin, H, W = x.shape
@@ -459,7 +439,7 @@ def icm_conv_fused(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.
     if act not in (ACT_NONE, ACT_PRELU, ACT_LEAKY) or (act == ACT_PRELU and slope is None):
         raise ValueError(f"act must be 0, 1 (with slope) or 2, got {act}")
     n_out = unit if out_win else weight.size(0)
-    if not _use_kernels(x):
+    if not use_kernel(x):
         return _ref_fused(x, weight, scale, shift, residual, slope, offsets, starts, unit, in_win, out_win, act,
                           neg_slope)
     f32 = lambda v: None if v is None else v.float().contiguous()  # noqa: E731

@@ -40,7 +40,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .configs import pick
-from .utils import check_same_device, register_decomposition
+from .utils import check_same_device, register_decomposition, use_kernel
 
 
 def _forward_configs():
@@ -221,12 +221,6 @@ def _icm_fwd_kernel(
 
 # -- host side ---------------------------------------------------------------------------------------
 
-def _use_kernel(x: torch.Tensor) -> bool:
-    """The one "launch the kernel or run the aten twin" decision of this file (see ``icm_conv._use_kernels``)."""
-    from .icm_conv import _use_kernels
-
-    return _use_kernels(x)
-
 
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (int(n) - 1).bit_length())
@@ -357,7 +351,7 @@ def icm_forward(x: torch.Tensor, groups: torch.Tensor, w1: torch.Tensor, w3: tor
         (B, cout, H, W) in the packed weights' dtype.
     """
     _check(x, groups, w1, w3, w2, v1, v3, v2, unit, cout)
-    if not _use_kernel(x):
+    if not use_kernel(x):
         return _ref_forward(x, groups, w1, w3, w2, v1, v3, v2, unit, cout, norm_in, out_act, eps)
     return _launch(x, groups, w1, w3, w2, v1, v3, v2, unit, cout, norm_in, out_act, eps)
 
