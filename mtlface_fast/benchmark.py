@@ -35,9 +35,9 @@ def git_commit() -> str:
 def environment(device: str) -> Dict[str, str]:
     env = {"torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit(),
            "host_cpu": platform.processor() or platform.machine(), "threads": str(torch.get_num_threads())}
-    try:
-        import triton
-        env["triton"] = triton.__version__
+    try:  # the installed version, without importing triton (CPU runs never load it)
+        from importlib.metadata import version
+        env["triton"] = version("triton")
     except Exception:
         env["triton"] = "not installed"
     if device.startswith("cuda") and torch.cuda.is_available():
