@@ -7,7 +7,13 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from .reference.backbone import check_input_size
+from .validation import immediate_checks
+
+# Float tensor images are documented as [0, 1]; a margin absorbs the overshoot of a caller's own resampling.
+FLOAT_RANGE = (-0.1, 1.1)
 
 
 def _pil_to_uint8(img: Image.Image, size: int) -> np.ndarray:
@@ -29,10 +35,15 @@ def _one(item, size: int) -> torch.Tensor:
     """One image -> (3, size, size) float32 in [0, 1]."""
     if isinstance(item, (str, os.PathLike)):
         path = os.fspath(item)
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"image path {path} is a directory, expected an image file")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image file not found: {path}")
-        with Image.open(path) as img:
-            arr = _pil_to_uint8(img, size)
+        try:
+            with Image.open(path) as img:
+                arr = _pil_to_uint8(img, size)
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # PIL raises these for bad/truncated files
+            raise ValueError(f"cannot read image file {path}: not an image Pillow can decode ({exc})") from None
     elif isinstance(item, Image.Image):
         arr = _pil_to_uint8(item, size)
     elif isinstance(item, np.ndarray):
@@ -51,6 +62,19 @@ def _one(item, size: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+def check_float_range(x: torch.Tensor) -> None:
+    """Float tensor images must be in [0, 1] (FLOAT_RANGE): [0, 255] floats and [-1, 1] (already normalized)
+    input are refused. An immediate ValueError on CPU, a device-side assertion on CUDA (no host sync)."""
+    lo, hi = torch.aminmax(x.detach())
+    ok = (lo >= FLOAT_RANGE[0]) & (hi <= FLOAT_RANGE[1])  # False for NaN too
+    hint = ("float tensor images must be in [0, 1] (pass uint8 for [0, 255] pixels; do not normalize before "
+            "preprocess)")
+    if not immediate_checks(x):
+        torch._assert_async(ok, hint)
+    elif not bool(ok):
+        raise ValueError(f"{hint}, got values in [{float(lo):.4g}, {float(hi):.4g}]")
+
+
 def _tensor_images(x: torch.Tensor, size: int, single: bool = False) -> torch.Tensor:
     """(B, 3, H, W) uint8 [0, 255] or float [0, 1] -> (B, 3, size, size) float32 in [0, 1]."""
     if x.dim() != 4 or x.size(1) != 3:
@@ -60,6 +84,7 @@ def _tensor_images(x: torch.Tensor, size: int, single: bool = False) -> torch.Te
         x = x.float().div(255.0)
     elif x.is_floating_point():
         x = x.float()
+        check_float_range(x)
     else:
         raise TypeError(f"tensor images must be uint8 or floating, got dtype {x.dtype}")
     if tuple(x.shape[2:]) != (size, size):
@@ -83,11 +108,14 @@ def preprocess(images, size: int = 112, device=None) -> torch.Tensor:
             (B, 3, H, W) (uint8 in [0, 255] or float in [0, 1]), or a list of these.
             Square images of another size are resized (bilinear); non-square ones have their
             shorter side resized to ``size`` and are centre-cropped. Faces should be aligned crops.
-        size: the model's input size.
+        size: the model's input size (a positive multiple of 16; 112 for every official model).
         device: where to put the result.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+    try:
+        size = check_input_size(size)
+    except ValueError:
+        raise ValueError(f"size must be a model input size, a positive multiple of 16 (112 for every official "
+                         f"model), got {size!r}") from None
     if isinstance(images, torch.Tensor) and images.dim() == 4:
         batch = _tensor_images(images, size)
     elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
