@@ -1,22 +1,21 @@
-"""Images in, normalized model input out: the official transform (ToTensor, Normalize(0.5, 0.5))."""
+"""Images in, normalized model input out: the official transform (ToTensor, Normalize(0.5, 0.5)).
+
+numpy, Pillow and torch are imported on first use: the package's ``__init__`` imports this module (its
+``preprocess`` function is the public ``mtlface_fast.preprocess``), and ``import mtlface_fast`` stays light.
+"""
 from __future__ import annotations
 
 import os
 from typing import Sequence
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
-
-from .reference.backbone import check_input_size
-from .validation import immediate_checks
-
 # Float tensor images are documented as [0, 1]; a margin absorbs the overshoot of a caller's own resampling.
 FLOAT_RANGE = (-0.1, 1.1)
 
 
-def _pil_to_uint8(img: Image.Image, size: int) -> np.ndarray:
+def _pil_to_uint8(img, size: int):
+    import numpy as np
+    from PIL import Image
+
     img = img.convert("RGB")
     w, h = img.size
     if (w, h) != (size, size):
@@ -31,19 +30,30 @@ def _pil_to_uint8(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def _one(item, size: int) -> torch.Tensor:
+def read_image(path):
+    """An image file as an RGB PIL image (decoded now), with errors that name the file."""
+    from PIL import Image
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"image path {path} is a directory, expected an image file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError) as exc:  # UnidentifiedImageError and truncated files are OSErrors
+        raise ValueError(f"cannot read image file {path}: not an image Pillow can decode ({exc})") from None
+
+
+def _one(item, size: int):
     """One image -> (3, size, size) float32 in [0, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
     if isinstance(item, (str, os.PathLike)):
-        path = os.fspath(item)
-        if os.path.isdir(path):
-            raise IsADirectoryError(f"image path {path} is a directory, expected an image file")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"image file not found: {path}")
-        try:
-            with Image.open(path) as img:
-                arr = _pil_to_uint8(img, size)
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # PIL raises these for bad/truncated files
-            raise ValueError(f"cannot read image file {path}: not an image Pillow can decode ({exc})") from None
+        arr = _pil_to_uint8(read_image(item), size)
     elif isinstance(item, Image.Image):
         arr = _pil_to_uint8(item, size)
     elif isinstance(item, np.ndarray):
@@ -62,9 +72,13 @@ def _one(item, size: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def check_float_range(x: torch.Tensor) -> None:
+def check_float_range(x) -> None:
     """Float tensor images must be in [0, 1] (FLOAT_RANGE): [0, 255] floats and [-1, 1] (already normalized)
     input are refused. An immediate ValueError on CPU, a device-side assertion on CUDA (no host sync)."""
+    import torch
+
+    from .validation import immediate_checks
+
     lo, hi = torch.aminmax(x.detach())
     ok = (lo >= FLOAT_RANGE[0]) & (hi <= FLOAT_RANGE[1])  # False for NaN too
     hint = ("float tensor images must be in [0, 1] (pass uint8 for [0, 255] pixels; do not normalize before "
@@ -75,8 +89,11 @@ def check_float_range(x: torch.Tensor) -> None:
         raise ValueError(f"{hint}, got values in [{float(lo):.4g}, {float(hi):.4g}]")
 
 
-def _tensor_images(x: torch.Tensor, size: int, single: bool = False) -> torch.Tensor:
+def _tensor_images(x, size: int, single: bool = False):
     """(B, 3, H, W) uint8 [0, 255] or float [0, 1] -> (B, 3, size, size) float32 in [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
     if x.dim() != 4 or x.size(1) != 3:
         want = "(3, H, W)" if single else "(B, 3, H, W) or (3, H, W)"
         raise ValueError(f"tensor images must have shape {want} (channels first), got {tuple(x.shape)}")
@@ -100,7 +117,7 @@ def _tensor_images(x: torch.Tensor, size: int, single: bool = False) -> torch.Te
     return x
 
 
-def preprocess(images, size: int = 112, device=None) -> torch.Tensor:
+def preprocess(images, size: int = 112, device=None):
     """Turn faces into model input: (B, 3, size, size) float32 in [-1, 1] (RGB, (x - 0.5) / 0.5).
 
     Args:
@@ -111,6 +128,10 @@ def preprocess(images, size: int = 112, device=None) -> torch.Tensor:
         size: the model's input size (a positive multiple of 16; 112 for every official model).
         device: where to put the result.
     """
+    import torch
+
+    from .reference.backbone import check_input_size
+
     try:
         size = check_input_size(size)
     except ValueError:
