@@ -42,11 +42,14 @@ def torch_load(path, what: str = "checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
-            raise CheckpointError(f"{what} {path} holds objects other than tensors and plain containers; refused by "
-                                  f"torch.load(weights_only=True) ({str(exc).strip().splitlines()[0]})") from None
+        text = str(exc)
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        detail = detail[0].strip() if detail else _first_line(exc)
+        if "global" in text.lower() and "weights only" in text.lower():  # a class that weights_only refuses
+            raise CheckpointError(f"{what} {path} holds objects other than tensors and plain containers, which "
+                                  f"torch.load(weights_only=True) refuses: {detail}") from None
         raise CheckpointError(f"{what} {path} is not a readable torch checkpoint (truncated, or not written by "
-                              f"torch.save): {_first_line(exc)}") from None
+                              f"torch.save): {detail}") from None
     except Exception as exc:  # EOFError, miniz RuntimeError, KeyError of a text file, UnicodeDecodeError, ...
         raise CheckpointError(f"{what} {path} is not a readable torch checkpoint (truncated, or not written by "
                               f"torch.save): {_first_line(exc)}") from None
