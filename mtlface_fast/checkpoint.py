@@ -17,8 +17,10 @@ from .errors import CheckpointError
 
 
 def _first_line(exc: BaseException) -> str:
+    """``Type: first sentence of the message`` (torch's messages go on for lines)."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    first = text[0].split(". ")[0] if text else ""
+    return f"{type(exc).__name__}: {first}".rstrip(": ")
 
 
 def check_file(path, what: str = "checkpoint") -> str:

@@ -306,3 +306,16 @@ def test_demo_labels_both_heads_and_says_when_synthesis_changes_nothing(small_mo
         plain = demo.save_grid(str(tmp_path / "plain.png"), torch.zeros(3, 32, 32),
                                             torch.zeros(7, 3, 32, 32), report["group_labels"], title="t")
         assert grid.height > Image.open(plain).height  # the note's lines
+
+
+def test_every_train_option_has_help_text():
+    import argparse
+
+    from mtlface_fast.train.config import add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    options = [a for a in parser._actions if any(o.startswith("--") for o in a.option_strings)
+               and a.dest not in ("help", "config")]
+    assert len(options) > 40
+    bare = [a.option_strings[0] for a in options if not a.help or a.help.startswith("(default")]
+    assert not bare, bare
