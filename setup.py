@@ -35,7 +35,6 @@ setup(
     include_package_data=False,
     install_requires=[
         "torch>=2.4,<2.15",
-        "triton>=3.0; platform_system == 'Linux'",
         "numpy",
         "Pillow",
         "tqdm",
@@ -49,9 +48,13 @@ setup(
         # replaces the installed one; torchvision 0.28 is the release for the torch that .ci/run installs
         # (2.13): bump the two together. (Over the CPU build of torch this torchvision cannot be imported;
         # mtlface_fast.mtcnn then runs facenet-pytorch's networks and weights with plain torch.)
-        "test": ["pytest", "onnx", "onnxruntime", "onnxscript", "PyYAML", FACENET, "torchvision<0.29"],
+        # The Triton kernels run on CUDA tensors only. CUDA builds of torch bring their own matching triton,
+        # so a CPU install needs none; the test suite runs the kernels in the Triton interpreter on CPU.
+        "test": ["pytest", "onnx", "onnxruntime", "onnxscript", "PyYAML", FACENET, "torchvision<0.29",
+                 "triton>=3.0; platform_system == 'Linux'"],
         # photo -> aligned face: MTCNN and its weights (shipped in the wheel); 2.6.x pins torch<2.3 and numpy<2
         "align": [FACENET],
+        "triton": ["triton>=3.0; platform_system == 'Linux'"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "trt": ["torch-tensorrt"],
     },

@@ -27,11 +27,33 @@ def _map_source_kernels() -> None:
 
 _map_source_kernels()
 
-from . import reference  # noqa: E402
-from .backend import get_backend, use_backend  # noqa: E402
-from .model import MTLFace  # noqa: E402
-from .preprocess import preprocess  # noqa: E402
-from .reference.heads import age2group, dex_age  # noqa: E402
+from .preprocess import preprocess  # noqa: E402  (torch-free at import; a module attribute of the same name)
+
+# The public names load on first use (PEP 562), so that ``import mtlface_fast`` and the command line's parser
+# (``mtlface-fast --help``) do not import torch; ``from mtlface_fast import MTLFace`` works as usual.
+_LAZY = {
+    "MTLFace": (".model", "MTLFace"),
+    "reference": (".reference", None),
+    "use_backend": (".backend", "use_backend"),
+    "get_backend": (".backend", "get_backend"),
+    "age2group": (".reference.heads", "age2group"),
+    "dex_age": (".reference.heads", "dex_age"),
+}
 
 __all__ = ["MTLFace", "reference", "preprocess", "use_backend", "get_backend", "age2group", "dex_age",
            "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name, __name__)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -9,7 +9,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -35,9 +35,9 @@ def git_commit() -> str:
 def environment(device: str) -> Dict[str, str]:
     env = {"torch": torch.__version__, "python": platform.python_version(), "git_commit": git_commit(),
            "host_cpu": platform.processor() or platform.machine(), "threads": str(torch.get_num_threads())}
-    try:
-        import triton
-        env["triton"] = triton.__version__
+    try:  # the installed version, without importing triton (CPU runs never load it)
+        from importlib.metadata import version
+        env["triton"] = version("triton")
     except Exception:
         env["triton"] = "not installed"
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -88,25 +88,37 @@ def time_once(fn: Callable[[], object], device: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], device: str, iters: int = 10) -> Dict[str, Dict]:
+def time_interleaved(fns: Dict[str, Callable[[], object]], device: str, iters: int = 10,
+                     on_call: Optional[Callable[[str], None]] = None) -> Dict[str, Dict]:
     """Time already warmed-up callables in rounds, one call of each per round (the order rotating from round
     to round), so that a machine whose speed drifts (shared CPUs, clocks) slows every variant alike and
-    their ratios stay meaningful. Returns :func:`summarize` of each."""
+    their ratios stay meaningful. ``on_call(name)`` runs after each timed call (progress). Returns
+    :func:`summarize` of each."""
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
     names = list(fns)
     times: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(iters):
         for i in range(len(names)):
             n = names[(i + r) % len(names)]
             times[n].append(time_once(fns[n], device))
+            if on_call is not None:
+                on_call(n)
     return {n: summarize(t) for n, t in times.items()}
 
 
-def write_results(name: str, payload: Dict, results_dir: str = RESULTS_DIR) -> str:
-    """Write ``payload`` as JSON under bench/results/<name>-<utc stamp>.json and return the path."""
+def results_path(name: str, results_dir: str = RESULTS_DIR) -> str:
+    """``<results_dir>/<name>-<utc stamp>.json`` (the folder is created)."""
     os.makedirs(results_dir, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = os.path.join(results_dir, f"{name}-{stamp}.json")
-    with open(path, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    return path
+    return os.path.join(results_dir, f"{name}-{stamp}.json")
+
+
+def write_results(name: str, payload: Dict, results_dir: str = RESULTS_DIR) -> str:
+    """Write ``payload`` as JSON (atomically) and return the path: ``name`` is a ``.json`` path, or a name for
+    :func:`results_path` under ``results_dir``."""
+    from .checkpoint import atomic_write
+
+    path = name if name.endswith(".json") else results_path(name, results_dir)
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    return atomic_write(path, lambda tmp: open(tmp, "w").write(text))

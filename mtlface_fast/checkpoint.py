@@ -1,12 +1,82 @@
-"""Checkpoint I/O: ``weights_only`` loading, atomic writes, strict key checks that name the keys."""
+"""Checkpoint I/O: ``weights_only`` loading, atomic writes, strict key checks that name the keys.
+
+Every read error names the file and says what is wrong with it (:class:`~mtlface_fast.errors.CheckpointError`,
+a ``ValueError``); weights are checked finite once, when they are loaded (:func:`load_state_dict_strict`).
+"""
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from typing import Callable, Dict, Mapping
 
 import torch
 from torch import nn
+
+from .errors import CheckpointError
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first sentence of the message`` (torch's messages go on for lines)."""
+    text = str(exc).strip().splitlines()
+    first = text[0].split(". ")[0] if text else ""
+    return f"{type(exc).__name__}: {first}".rstrip(": ")
+
+
+def check_file(path, what: str = "checkpoint") -> str:
+    """``path`` as a string if it is a non-empty regular file; else a FileNotFoundError / CheckpointError."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f"{what} {path} is a directory, expected a file (a folder written by save_pretrained "
+                              f"loads with MTLFace.from_pretrained)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} {path} is not a regular file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes)")
+    return path
+
+
+def torch_load(path, what: str = "checkpoint"):
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that name the file."""
+    path = check_file(path, what)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        detail = detail[0].strip() if detail else _first_line(exc)
+        if "global" in text.lower() and "weights only" in text.lower():  # a class that weights_only refuses
+            raise CheckpointError(f"{what} {path} holds objects other than tensors and plain containers, which "
+                                  f"torch.load(weights_only=True) refuses: {detail}") from None
+        raise CheckpointError(f"{what} {path} is not a readable torch checkpoint (truncated, or not written by "
+                              f"torch.save): {detail}") from None
+    except Exception as exc:  # EOFError, miniz RuntimeError, KeyError of a text file, UnicodeDecodeError, ...
+        raise CheckpointError(f"{what} {path} is not a readable torch checkpoint (truncated, or not written by "
+                              f"torch.save): {_first_line(exc)}") from None
+
+
+def load_safetensors(path, what: str = "weights file", device: str = "cpu") -> Dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with errors that name the file."""
+    from safetensors.torch import load_file
+
+    path = check_file(path, what)
+    try:
+        return load_file(path, device=str(device))
+    except Exception as exc:  # SafetensorError (truncated header / data), OSError
+        raise CheckpointError(f"{what} {path} is not a readable safetensors file (truncated or corrupt): "
+                              f"{_first_line(exc)}") from None
+
+
+def check_finite_state(state: Mapping[str, torch.Tensor], what: str = "checkpoint") -> None:
+    """Every floating tensor of ``state`` finite; else a CheckpointError listing the keys (load time, once)."""
+    bad = [k for k, v in state.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" ... (+{len(bad) - 10} more)" if len(bad) > 10 else ""
+        raise CheckpointError(f"{what} holds NaN or infinite values in {len(bad)} tensor(s): "
+                              f"{', '.join(bad[:10])}{more}")
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> str:
@@ -38,29 +108,29 @@ def load_state_file(path_or_state, what: str = "checkpoint") -> Dict[str, torch.
     """A state dict from a file (``torch.load(weights_only=True)``) or a mapping, ``module.`` prefixes stripped.
 
     Accepts the wrappers training scripts commonly write (``{"state_dict": ...}``, ``{"model": ...}``).
+    Errors name the file (``what`` followed by the path).
     """
     if isinstance(path_or_state, Mapping):
         state = path_or_state
     else:
-        path = os.fspath(path_or_state)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{what} file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path_or_state, what)
+        what = f"{what} {os.fspath(path_or_state)}"
     for wrapper in ("state_dict", "model"):
         if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
             state = state[wrapper]
     if not isinstance(state, Mapping):
-        raise ValueError(f"{what} does not hold a state dict (got {type(state).__name__})")
+        raise CheckpointError(f"{what} does not hold a state dict (got {type(state).__name__})")
     out = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{what}: entry {key!r} is not a tensor ({type(value).__name__})")
+            raise CheckpointError(f"{what}: entry {key!r} is not a tensor ({type(value).__name__})")
         out[key.replace("module.", "")] = value  # DDP / DataParallel prefixes, as the official load_network
     return out
 
 
 def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str = "checkpoint") -> None:
-    """``load_state_dict(strict=True)`` with an error that lists missing, unexpected and mis-shaped keys."""
+    """``load_state_dict(strict=True)`` with an error that lists missing, unexpected and mis-shaped keys, after
+    checking that every floating tensor is finite (the one finiteness check of weights: not per call)."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -77,5 +147,6 @@ def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor],
             parts.append(f"{len(unexpected)} unexpected key(s): {fmt(unexpected)}")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatch(es): {fmt(shapes)}")
-        raise ValueError(f"{what} does not match the model: " + "; ".join(parts))
+        raise CheckpointError(f"{what} does not match the model: " + "; ".join(parts))
+    check_finite_state(state, what)
     module.load_state_dict(state, strict=True)

@@ -1,24 +1,57 @@
-"""The ``mtlface-fast`` command: ``demo``, ``run``, ``bench``, ``train``, ``eval``, ``export``."""
+"""The ``mtlface-fast`` command: ``demo``, ``run``, ``bench``, ``train``, ``eval``, ``export``.
+
+Parsing is light: a subcommand's options (and the torch-importing module that defines them) are loaded only
+when that subcommand is parsed, so ``mtlface-fast --help`` does not import torch. Known errors (bad
+arguments, unreadable files, a checkpoint that does not fit) print one line and exit with code 2;
+``--debug`` shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .errors import MTLFaceError
+
+# Errors the command reports as one line: our argument and file checks raise these.
+KNOWN_ERRORS = (MTLFaceError, ValueError, TypeError, OSError, RuntimeError)
+
+
+class _LazyParser(argparse.ArgumentParser):
+    """A subcommand parser whose arguments are added by ``populate(parser)`` the first time it parses."""
+
+    def __init__(self, *args, populate=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+        # also after the subcommand (SUPPRESS: absent unless given, so it does not reset the top-level flag)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the traceback of an error (default: one line)")
+
+    def _ensure_populated(self) -> None:
+        if self._populate is not None:
+            populate, self._populate = self._populate, None
+            populate(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._ensure_populated()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._ensure_populated()
+        return super().format_help()
+
 
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="encode a face and render it at every age group (PNG grid + JSON)",
-                       description="Encode a face and render it at every age group. Without --weights the model "
-                                   "is a seeded random initialization (said plainly in the output).")
-    p.add_argument("--image", help="a photo (its largest face is aligned when the align extra is installed) or an "
-                   "aligned face crop; default: scikit-image's astronaut photo")
-    p.add_argument("--weights", help="a folder written by save_pretrained, the authors' TPAMI release file "
-                   "(mtlface_checkpoints.tar), or an official CVPR backbone checkpoint")
-    p.add_argument("--generator", help="official generator checkpoint (with an official --weights)")
-    p.add_argument("--estimator", help="official estimation-network checkpoint (with an official --weights)")
-    p.add_argument("--backbone", default="ir50", help="backbone of the random model when no --weights (ir50)")
-    p.add_argument("--out", default="demo_out", help="output folder (demo_out)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random initialization (0)")
+    def populate(p):
+        p.add_argument("--image", help="a photo (its largest face is aligned when the align extra is installed) "
+                       "or an aligned face crop; default: scikit-image's astronaut photo")
+        p.add_argument("--weights", help="a folder written by save_pretrained, the authors' TPAMI release file "
+                       "(mtlface_checkpoints.tar), or an official CVPR backbone checkpoint")
+        p.add_argument("--generator", help="official generator checkpoint (with an official --weights)")
+        p.add_argument("--estimator", help="official estimation-network checkpoint (with an official --weights)")
+        p.add_argument("--backbone", default="ir50", help="backbone of the random model when no --weights (ir50)")
+        p.add_argument("--out", default="demo_out", help="output folder (demo_out)")
+        p.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the random initialization (0)")
 
     def run(args):
         from .demo import run_demo
@@ -26,34 +59,32 @@ def _add_demo(sub):
                  args.seed)
         return 0
 
+    p = sub.add_parser("demo", help="encode a face and render it at every age group (PNG grid + JSON)",
+                       description="Encode a face and render it at every age group. Without --weights the model "
+                                   "is a seeded random initialization (said plainly in the output).",
+                       populate=populate)
     p.set_defaults(func=run)
 
 
 def _add_run(sub):
-    p = sub.add_parser("run", help="every photo of a folder: aligned faces, embeddings, ages, age grids (align extra)",
-                       description="Find and align the faces of every photo under PHOTOS (MTCNN, 5-point template; "
-                                   "the align extra), encode them in batches on --device and write OUT/index.jsonl "
-                                   "(every photo and face, or why none), OUT/embeddings.npy, the crops under "
-                                   "OUT/faces/ and with --synthesize the age-group grids under OUT/grids/. A rerun "
-                                   "skips what is done. Without --weights the model is a seeded random "
-                                   "initialization (said plainly in the output).")
-    p.add_argument("photos", metavar="PHOTOS", help="folder of photos (searched recursively)")
-    p.add_argument("--out", required=True, help="output folder (a rerun with it resumes)")
-    p.add_argument("--weights", help="a folder written by save_pretrained, the authors' TPAMI release file "
-                   "(mtlface_checkpoints.tar), or an official CVPR backbone checkpoint")
-    p.add_argument("--generator", help="official generator checkpoint (with an official --weights)")
-    p.add_argument("--estimator", help="official estimation-network checkpoint (with an official --weights)")
-    p.add_argument("--backbone", default="ir50", help="backbone of the random model when no --weights (ir50)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random initialization (0)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda: the model and the detector (cpu)")
-    p.add_argument("--batch-size", type=int, default=32, help="faces per model batch (32)")
-    p.add_argument("--all-faces", action="store_true", help="every face of a photo (default: the largest)")
-    p.add_argument("--synthesize", action="store_true", help="also render each face at every age group (PNG)")
-    p.add_argument("--min-face-size", type=int, default=20, help="smallest face searched, in pixels (20)")
-    p.add_argument("--detector", default="auto", choices=("auto", "facenet", "torch"),
-                   help="MTCNN as facenet-pytorch runs it, or its networks driven by torch (auto: facenet when "
-                        "torchvision imports)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    def populate(p):
+        p.add_argument("photos", metavar="PHOTOS", help="folder of photos (searched recursively)")
+        p.add_argument("--out", required=True, help="output folder (a rerun with it resumes)")
+        p.add_argument("--weights", help="a folder written by save_pretrained, the authors' TPAMI release file "
+                       "(mtlface_checkpoints.tar), or an official CVPR backbone checkpoint")
+        p.add_argument("--generator", help="official generator checkpoint (with an official --weights)")
+        p.add_argument("--estimator", help="official estimation-network checkpoint (with an official --weights)")
+        p.add_argument("--backbone", default="ir50", help="backbone of the random model when no --weights (ir50)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the random initialization (0)")
+        p.add_argument("--device", default="cpu", help="cpu or cuda: the model and the detector (cpu)")
+        p.add_argument("--batch-size", type=int, default=32, help="faces per model batch (32)")
+        p.add_argument("--all-faces", action="store_true", help="every face of a photo (default: the largest)")
+        p.add_argument("--synthesize", action="store_true", help="also render each face at every age group (PNG)")
+        p.add_argument("--min-face-size", type=int, default=20, help="smallest face searched, in pixels (20)")
+        p.add_argument("--detector", default="auto", choices=("auto", "facenet", "torch"),
+                       help="MTCNN as facenet-pytorch runs it, or its networks driven by torch (auto: facenet when "
+                            "torchvision imports)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(args):
         from .folder import run_folder
@@ -66,29 +97,36 @@ def _add_run(sub):
             raise RuntimeError(str(exc)) from exc
         return 0
 
+    p = sub.add_parser("run", help="every photo of a folder: aligned faces, embeddings, ages, age grids (align extra)",
+                       description="Find and align the faces of every photo under PHOTOS (MTCNN, 5-point template; "
+                                   "the align extra), encode them in batches on --device and write OUT/index.jsonl "
+                                   "(every photo and face, or why none), OUT/embeddings.npy, the crops under "
+                                   "OUT/faces/ and with --synthesize the age-group grids under OUT/grids/. A rerun "
+                                   "skips what is done. Without --weights the model is a seeded random "
+                                   "initialization (said plainly in the output).",
+                       populate=populate)
     p.set_defaults(func=run)
 
 
 def _add_bench(sub):
-    from .throughput import __doc__ as doc, add_arguments
-    p = sub.add_parser("bench", help="whole-model throughput vs the reference (JSON + PNG under bench/results)",
-                       description=doc, formatter_class=argparse.RawTextHelpFormatter)
-    add_arguments(p)
+    def populate(p):
+        from .throughput import __doc__ as doc, add_arguments
+        p.description = doc
+        add_arguments(p)
 
     def run(args):
         from .throughput import execute
         return execute(args)
 
+    p = sub.add_parser("bench", help="whole-model throughput vs the reference (JSON + PNG under bench/results)",
+                       formatter_class=argparse.RawTextHelpFormatter, populate=populate)
     p.set_defaults(func=run)
 
 
 def _add_train(sub):
-    from .train.config import add_arguments
-    p = sub.add_parser("train", help="train MTLFace: aifr | fas | joint | finetune (see docs/TRAINING.md)",
-                       description="Train the fast MTLFace with an official recipe. Options come from the recipe's "
-                                   "defaults, then --config FILE (YAML/JSON), then these flags. Multi-GPU: "
-                                   "torchrun --nproc_per_node N -m mtlface_fast train ...")
-    add_arguments(p)
+    def populate(p):
+        from .train.config import add_arguments
+        add_arguments(p)
 
     def run(args):
         from .train import train
@@ -97,16 +135,25 @@ def _add_train(sub):
         print(f"trained {result['step']} steps -> {result['output']}")
         return 0
 
+    p = sub.add_parser("train", help="train MTLFace: aifr | fas | joint | finetune (see docs/TRAINING.md)",
+                       description="Train the fast MTLFace with an official recipe. Options come from the recipe's "
+                                   "defaults, then --config FILE (YAML/JSON), then these flags. Multi-GPU: "
+                                   "torchrun --nproc_per_node N -m mtlface_fast train ...",
+                       populate=populate)
     p.set_defaults(func=run)
 
 
 def _add_tool(sub, name: str, module: str, help: str):
-    """A subcommand whose arguments and ``execute(args)`` live in ``mtlface_fast.<module>``."""
+    """A subcommand whose arguments and ``execute(args)`` live in ``mtlface_fast.<module>`` (loaded lazily)."""
     import importlib
-    mod = importlib.import_module(f"{__package__}.{module}")
-    p = sub.add_parser(name, help=help, description=mod.__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    mod.add_arguments(p)
-    p.set_defaults(func=lambda args: mod.execute(args))
+
+    def populate(p):
+        mod = importlib.import_module(f"{__package__}.{module}")
+        p.description = mod.__doc__
+        mod.add_arguments(p)
+
+    p = sub.add_parser(name, help=help, formatter_class=argparse.RawTextHelpFormatter, populate=populate)
+    p.set_defaults(func=lambda args: importlib.import_module(f"{__package__}.{module}").execute(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "recognition and face age synthesis.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"mtlface-fast {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_LazyParser)
     sub.required = True
     _add_demo(sub)
     _add_run(sub)
@@ -131,8 +179,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
-        print(f"mtlface-fast {args.command}: error: {exc}", file=sys.stderr)
+    except KNOWN_ERRORS as exc:
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if not isinstance(exc, (MTLFaceError, ValueError, TypeError)):  # name the kind: OSError, RuntimeError, ...
+            message = f"{type(exc).__name__}: {message}"
+        print(f"mtlface-fast {args.command}: error: {message} (--debug for the traceback)", file=sys.stderr)
         return 2
 
 

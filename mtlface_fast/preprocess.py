@@ -1,16 +1,21 @@
-"""Images in, normalized model input out: the official transform (ToTensor, Normalize(0.5, 0.5))."""
+"""Images in, normalized model input out: the official transform (ToTensor, Normalize(0.5, 0.5)).
+
+numpy, Pillow and torch are imported on first use: the package's ``__init__`` imports this module (its
+``preprocess`` function is the public ``mtlface_fast.preprocess``), and ``import mtlface_fast`` stays light.
+"""
 from __future__ import annotations
 
 import os
 from typing import Sequence
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
+# Float tensor images are documented as [0, 1]; a margin absorbs the overshoot of a caller's own resampling.
+FLOAT_RANGE = (-0.1, 1.1)
 
 
-def _pil_to_uint8(img: Image.Image, size: int) -> np.ndarray:
+def _pil_to_uint8(img, size: int):
+    import numpy as np
+    from PIL import Image
+
     img = img.convert("RGB")
     w, h = img.size
     if (w, h) != (size, size):
@@ -25,14 +30,30 @@ def _pil_to_uint8(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def _one(item, size: int) -> torch.Tensor:
-    """One image -> (3, size, size) float32 in [0, 1]."""
-    if isinstance(item, (str, os.PathLike)):
-        path = os.fspath(item)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"image file not found: {path}")
+def read_image(path):
+    """An image file as an RGB PIL image (decoded now), with errors that name the file."""
+    from PIL import Image
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"image path {path} is a directory, expected an image file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
         with Image.open(path) as img:
-            arr = _pil_to_uint8(img, size)
+            return img.convert("RGB")
+    except (OSError, SyntaxError) as exc:  # UnidentifiedImageError and truncated files are OSErrors
+        raise ValueError(f"cannot read image file {path}: not an image Pillow can decode ({exc})") from None
+
+
+def _one(item, size: int):
+    """One image -> (3, size, size) float32 in [0, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if isinstance(item, (str, os.PathLike)):
+        arr = _pil_to_uint8(read_image(item), size)
     elif isinstance(item, Image.Image):
         arr = _pil_to_uint8(item, size)
     elif isinstance(item, np.ndarray):
@@ -51,8 +72,28 @@ def _one(item, size: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def _tensor_images(x: torch.Tensor, size: int, single: bool = False) -> torch.Tensor:
+def check_float_range(x) -> None:
+    """Float tensor images must be in [0, 1] (FLOAT_RANGE): [0, 255] floats and [-1, 1] (already normalized)
+    input are refused. An immediate ValueError on CPU, a device-side assertion on CUDA (no host sync)."""
+    import torch
+
+    from .validation import immediate_checks
+
+    lo, hi = torch.aminmax(x.detach())
+    ok = (lo >= FLOAT_RANGE[0]) & (hi <= FLOAT_RANGE[1])  # False for NaN too
+    hint = ("float tensor images must be in [0, 1] (pass uint8 for [0, 255] pixels; do not normalize before "
+            "preprocess)")
+    if not immediate_checks(x):
+        torch._assert_async(ok, hint)
+    elif not bool(ok):
+        raise ValueError(f"{hint}, got values in [{float(lo):.4g}, {float(hi):.4g}]")
+
+
+def _tensor_images(x, size: int, single: bool = False):
     """(B, 3, H, W) uint8 [0, 255] or float [0, 1] -> (B, 3, size, size) float32 in [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
     if x.dim() != 4 or x.size(1) != 3:
         want = "(3, H, W)" if single else "(B, 3, H, W) or (3, H, W)"
         raise ValueError(f"tensor images must have shape {want} (channels first), got {tuple(x.shape)}")
@@ -60,6 +101,7 @@ def _tensor_images(x: torch.Tensor, size: int, single: bool = False) -> torch.Te
         x = x.float().div(255.0)
     elif x.is_floating_point():
         x = x.float()
+        check_float_range(x)
     else:
         raise TypeError(f"tensor images must be uint8 or floating, got dtype {x.dtype}")
     if tuple(x.shape[2:]) != (size, size):
@@ -75,7 +117,7 @@ def _tensor_images(x: torch.Tensor, size: int, single: bool = False) -> torch.Te
     return x
 
 
-def preprocess(images, size: int = 112, device=None, align: bool = False) -> torch.Tensor:
+def preprocess(images, size: int = 112, device=None, align: bool = False):
     """Turn faces into model input: (B, 3, size, size) float32 in [-1, 1] (RGB, (x - 0.5) / 0.5).
 
     Args:
@@ -83,13 +125,20 @@ def preprocess(images, size: int = 112, device=None, align: bool = False) -> tor
             (B, 3, H, W) (uint8 in [0, 255] or float in [0, 1]), or a list of these.
             Square images of another size are resized (bilinear); non-square ones have their
             shorter side resized to ``size`` and are centre-cropped. Faces should be aligned crops.
-        size: the model's input size.
+        size: the model's input size (a positive multiple of 16; 112 for every official model).
         device: where to put the result.
         align: find the largest face of each photo with MTCNN and warp it onto the 5-point template
             (:mod:`mtlface_fast.align`, the ``align`` extra); a photo without a face raises ValueError.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+    import torch
+
+    from .reference.backbone import check_input_size
+
+    try:
+        size = check_input_size(size)
+    except ValueError:
+        raise ValueError(f"size must be a model input size, a positive multiple of 16 (112 for every official "
+                         f"model), got {size!r}") from None
     if align:
         from .align import align_faces
         if isinstance(images, torch.Tensor) and images.dim() == 4:

@@ -21,6 +21,11 @@ Each is warmed up, then the variants of a task and batch are timed in interleave
 each per round; CUDA events on GPU, wall clock on CPU), so that a drifting machine slows them alike. The
 JSON under bench/results/ holds medians and quantiles, images/s, ratios to the reference variants and
 peak memory (taken during the warm-up), and a PNG bar chart is written beside it.
+
+The JSON and PNG are rewritten as each task and batch completes (``"complete": false`` until the last), and
+each row is printed then, so an interrupted run keeps what it measured; the progress bar counts calls.
+The CPU default (batch 2, 1 warm-up and 3 timed calls per variant, ir50 at 112x112) takes about 1-2 minutes
+on 2 idle cores; ``--batch 8 --iters 5`` gives steadier figures in several times that.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from .benchmark import RESULTS_DIR, environment, time_interleaved, write_results
+from .benchmark import RESULTS_DIR, environment, results_path, time_interleaved, write_results
 
 TASKS = ("encode", "synthesize", "synthesize_all", "train_step")
 VARIANTS = ("reference", "reference_autocast", "reference_compile", "reference_x7", "ours", "ours_compile",
@@ -165,10 +170,60 @@ def plot(payload: Dict, path: str) -> str:
     return path
 
 
-def run(args) -> Dict:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def batch_list(text) -> List[int]:
+    """argparse type: comma-separated batch sizes, each >= 1 (``"1,64,256"``)."""
+    if isinstance(text, (list, tuple)):
+        text = ",".join(map(str, text))
+    parts = [b.strip() for b in str(text).split(",")]
+    try:
+        values = [int(b) for b in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return values
+
+
+def check_settings(args) -> None:
+    """The checks argparse applies, for a Namespace built in code: ValueError on a bad count or batch."""
+    for name, low in (("iters", 1), ("warmup", 0)):
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"--{name} must be an integer >= {low}, got {value!r}")
+    try:
+        args.batch = batch_list(args.batch)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"--batch: {exc}") from None
+
+
+def run(args, on_update=None) -> Dict:
+    """Time every case; ``on_update(payload)`` is called with the results so far after each task and batch."""
     from . import reference
     from .model import MTLFace
 
+    check_settings(args)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but CUDA is not available")
@@ -192,7 +247,7 @@ def run(args) -> Dict:
             skipped["ours_tensorrt"] = reason
             variants = [v for v in variants if v != "ours_tensorrt"]
             print(f"throughput: skipping ours_tensorrt: {reason}", file=sys.stderr)
-    batches = [int(b) for b in str(args.batch).split(",")]
+    batches = list(args.batch)
     torch.manual_seed(args.seed)
     arch = getattr(args, "arch", "cvpr")
     ref_model = reference.MTLFace(backbone=args.backbone, input_size=args.input_size, age_group=args.age_group,
@@ -212,11 +267,28 @@ def run(args) -> Dict:
     for task, batch, variant in cases:
         groups.setdefault((task, batch), []).append(variant)
     results: List[Dict] = []
+    settings = dict(device=device, dtype=args.dtype, arch=arch, backbone=args.backbone, input_size=args.input_size,
+                    age_group=args.age_group, batches=batches, tasks=tasks, variants=variants, warmup=args.warmup,
+                    iters=args.iters, skipped_variants=skipped,
+                    backend=os.environ.get("MTLFACE_FAST_BACKEND", "auto"))
+    env = environment(device)
+
+    def payload(complete: bool) -> Dict:
+        _add_speedups(results)
+        return {"benchmark": "throughput", "env": env, "settings": settings, "complete": complete,
+                "cases_done": len(results), "cases_total": len(cases), "results": results}
+
+    calls_per_variant = args.warmup + args.iters
     try:
         from tqdm import tqdm
-        bar = tqdm(total=len(cases), desc="throughput", unit="case", file=sys.stderr)
+        bar = tqdm(total=len(cases) * calls_per_variant, desc="throughput", unit="call", file=sys.stderr)
     except ImportError:  # pragma: no cover
         bar = None
+
+    def tick():
+        if bar is not None:
+            bar.update(1)
+
     for (task, batch), names in groups.items():
         g = torch.Generator().manual_seed(args.seed + batch)
         x = torch.randn(batch, 3, args.input_size, args.input_size, generator=g).clamp_(-1, 1).to(device)
@@ -229,14 +301,19 @@ def run(args) -> Dict:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            done = 0
             try:
                 fn = build_cases(task, variant, models, x, dtype, device, args.age_group)
                 for _ in range(args.warmup):
                     fn()
+                    done += 1
+                    tick()
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
             except Exception as exc:  # a variant that cannot run here is recorded, not fatal
                 rows[variant] = dict(task=task, batch=batch, variant=variant, error=f"{type(exc).__name__}: {exc}")
+                if bar is not None:
+                    bar.update(calls_per_variant - done)
                 continue
             fns[variant] = fn
             rows[variant] = dict(task=task, batch=batch, variant=variant,
@@ -244,12 +321,13 @@ def run(args) -> Dict:
         if bar is not None:
             bar.set_postfix_str(f"{task} B={batch} timing {len(fns)} variants")
         try:
-            timed = time_interleaved(fns, device, iters=args.iters)
+            timed = time_interleaved(fns, device, iters=args.iters, on_call=lambda name: tick())
         except Exception as exc:  # pragma: no cover - a variant that fails only after its warm-up
             timed = {}
             for v in fns:
                 rows[v] = dict(task=task, batch=batch, variant=v, error=f"{type(exc).__name__}: {exc}")
         per = batch * (args.age_group if task == "synthesize_all" else 1)
+        group_rows = []
         for variant in names:
             row = rows[variant]
             if variant in timed:
@@ -257,27 +335,42 @@ def run(args) -> Dict:
                 row = dict(task=task, batch=batch, variant=variant, images_per_s=per / (stats["median_ms"] / 1e3),
                            peak_memory_mb=row["peak_memory_mb"], **stats)
             results.append(row)
-            if bar is not None:
-                bar.update(1)
+            group_rows.append(row)
+        _add_speedups(results)
+        for row in group_rows:
+            (bar.write if bar is not None else print)(format_row(row))
+        if on_update is not None:
+            on_update(payload(complete=False))
     if bar is not None:
         bar.close()
-    for r in results:  # ratios against the reference variants of the same task and batch
+    return payload(complete=True)
+
+
+def _add_speedups(results: List[Dict]) -> None:
+    """Ratios against the reference variants of the same task and batch, in place."""
+    for r in results:
         for base in ("reference", "reference_autocast", "reference_compile", "reference_x7"):
             other = next((o for o in results if o["task"] == r["task"] and o["batch"] == r["batch"]
                           and o["variant"] == base and "median_ms" in o), None)
             if other and "median_ms" in r:
                 r[f"speedup_vs_{base}"] = round(other["median_ms"] / r["median_ms"], 3)
-    return {"benchmark": "throughput", "env": environment(device),
-            "settings": dict(device=device, dtype=args.dtype, arch=arch, backbone=args.backbone,
-                             input_size=args.input_size, age_group=args.age_group, batches=batches, tasks=tasks,
-                             variants=variants, warmup=args.warmup, iters=args.iters, skipped_variants=skipped,
-                             backend=os.environ.get("MTLFACE_FAST_BACKEND", "auto")),
-            "results": results}
+
+
+TABLE_HEADER = f"{'task':15s} {'B':>4s} {'variant':20s} {'median ms':>10s} {'img/s':>9s}  speedup vs reference"
+
+
+def format_row(r: Dict) -> str:
+    """One line of the printed table."""
+    if "error" in r:
+        return f"{r['task']:15s} {r['batch']:4d} {r['variant']:20s} error: {r['error'][:80]}"
+    sp = r.get("speedup_vs_reference", r.get("speedup_vs_reference_x7", ""))
+    return f"{r['task']:15s} {r['batch']:4d} {r['variant']:20s} {r['median_ms']:10.1f} {r['images_per_s']:9.2f}  {sp}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
-    p.add_argument("--batch", default=None, help="comma-separated batch sizes (cpu: 8; cuda: 1,64,256)")
+    p.add_argument("--batch", default=None, type=batch_list,
+                   help="comma-separated batch sizes, each >= 1 (cpu: 2; cuda: 1,64,256)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype of the fast/autocast "
                    "variants (fp32)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {TASKS}")
@@ -285,12 +378,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"{','.join(CPU_DEFAULT_VARIANTS)}; cuda: all)")
     p.add_argument("--arch", default="cvpr", choices=("cvpr", "tpami"), help="model architecture (cvpr); tpami "
                    "is the released model (encode with flip TTA, StyleGAN2 decoder, stored noise)")
-    p.add_argument("--backbone", default="ir50")
-    p.add_argument("--input-size", type=int, default=112)
-    p.add_argument("--age-group", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (cpu 1, cuda 5)")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations (cpu 5, cuda 20)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backbone", default="ir50", help="backbone (ir50)")
+    p.add_argument("--input-size", type=positive_int, default=112, help="input side, a multiple of 16 (112)")
+    p.add_argument("--age-group", type=positive_int, default=7, help="number of age groups, 4..8 (7)")
+    p.add_argument("--warmup", type=non_negative_int, default=None, help="warm-up calls per variant (cpu 1, cuda 5)")
+    p.add_argument("--iters", type=positive_int, default=None, help="timed calls per variant, >= 1 (cpu 3, cuda 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (0)")
     p.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON and PNG (bench/results)")
     p.add_argument("--no-save", action="store_true", help="print only")
 
@@ -302,24 +395,27 @@ def main(argv=None) -> int:
 
 
 def execute(args) -> int:
-    """Run the benchmark for parsed arguments (see :func:`add_arguments`), print a table, write JSON + PNG."""
+    """Run the benchmark for parsed arguments (see :func:`add_arguments`): rows are printed and the JSON + PNG
+    rewritten as each task and batch completes."""
     cuda = args.device.startswith("cuda")
-    args.batch = args.batch or ("1,64,256" if cuda else "8")
+    args.batch = args.batch or ("1,64,256" if cuda else "2")
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    args.iters = args.iters if args.iters is not None else (20 if cuda else 5)
-    payload = run(args)
-    print(f"{'task':15s} {'B':>4s} {'variant':20s} {'median ms':>10s} {'img/s':>9s}  speedup vs reference")
-    for r in payload["results"]:
-        if "error" in r:
-            print(f"{r['task']:15s} {r['batch']:4d} {r['variant']:20s} error: {r['error'][:80]}")
-            continue
-        sp = r.get("speedup_vs_reference", r.get("speedup_vs_reference_x7", ""))
-        print(f"{r['task']:15s} {r['batch']:4d} {r['variant']:20s} {r['median_ms']:10.1f} {r['images_per_s']:9.2f}"
-              f"  {sp}")
+    args.iters = args.iters if args.iters is not None else (20 if cuda else 3)
+    check_settings(args)
+    path = None
     if not args.no_save:
         tag = "cuda" if cuda else "cpu"
         arch = "" if getattr(args, "arch", "cvpr") == "cvpr" else f"-{args.arch}"
-        path = write_results(f"throughput-{tag}-{args.dtype}{arch}", payload, args.out)
-        png = plot(payload, path[:-5] + ".png")
-        print("wrote", path, png)
+        path = results_path(f"throughput-{tag}-{args.dtype}{arch}", args.out)
+
+    def save(payload):
+        if path is not None:
+            write_results(path, payload)
+            plot(payload, path[:-5] + ".png")
+
+    print(TABLE_HEADER)
+    payload = run(args, on_update=save)
+    save(payload)
+    if path is not None:
+        print("wrote", path, path[:-5] + ".png")
     return 0

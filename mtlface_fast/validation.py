@@ -1,7 +1,25 @@
-"""Argument checks shared by the reference and the fast model: clear errors before any compute."""
+"""Argument checks shared by the reference and the fast model: clear errors before any compute.
+
+Value checks (images finite and normalized, target groups in range) read tensor contents. On CPU tensors
+they raise a ``ValueError`` at once. On CUDA (and other accelerator) tensors reading a value back would
+stall the stream on every call, so they run as device-side assertions (``torch._assert_async``): no host
+synchronization; a violation aborts the next CUDA synchronization with the check's message (a device-side
+assert, after which the CUDA context is unusable: the process must restart), never a silent wrong answer.
+``MTLFACE_FAST_SYNC_CHECKS=1`` makes them immediate ``ValueError``s on every device (a host sync per call,
+for debugging). Under ``torch.compile`` / ``torch.export`` the value checks are skipped.
+"""
 from __future__ import annotations
 
+import numbers
+import os
+
 import torch
+
+# Normalized images lie in [-1, 1] ((x / 255 - 0.5) / 0.5, as preprocess() computes). Values beyond this
+# magnitude mean un-normalized input ([0, 255] floats) or garbage (1e38 overflows to inf inside the trunk).
+# The margin is wide on purpose: N(0, 1) test inputs and slightly overshooting resized or generated images pass.
+IMAGE_VALUE_LIMIT = 8.0
+SYNC_CHECKS_ENV = "MTLFACE_FAST_SYNC_CHECKS"
 
 
 def _is_compiling() -> bool:
@@ -9,9 +27,36 @@ def _is_compiling() -> bool:
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
+def immediate_checks(tensor: torch.Tensor) -> bool:
+    """Whether value checks on ``tensor`` may read it on the host (CPU tensors, or MTLFACE_FAST_SYNC_CHECKS=1)."""
+    return tensor.device.type == "cpu" or os.environ.get(SYNC_CHECKS_ENV, "0") not in ("", "0")
+
+
+def check_image_values(images: torch.Tensor, name: str = "images", *, immediate: bool) -> None:
+    """Finite and within +-IMAGE_VALUE_LIMIT: one min/max reduction (NaN propagates through it).
+
+    ``immediate``: raise a ValueError now (reads two values on the host), else a device-side assertion.
+    """
+    lo, hi = torch.aminmax(images.detach())
+    ok = (lo >= -IMAGE_VALUE_LIMIT) & (hi <= IMAGE_VALUE_LIMIT)  # False for NaN and +-inf too
+    hint = (f"{name} must be normalized to [-1, 1] ((x / 255 - 0.5) / 0.5, as mtlface_fast.preprocess() does); "
+            f"values beyond +-{IMAGE_VALUE_LIMIT:g} are rejected")
+    if not immediate:
+        torch._assert_async(ok, f"{name} contains NaN, infinite or un-normalized values; {hint}")
+        return
+    if not bool(ok):
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError(f"{name} contains NaN or infinite values")
+        raise ValueError(f"{name} holds values in [{float(lo):.4g}, {float(hi):.4g}], far outside [-1, 1] "
+                         f"([0, 255] pixels?); {hint}")
+
+
 def check_images(images, *, input_size: int, device: torch.device, dtype: torch.dtype,
                  name: str = "images", check_finite: bool = True) -> torch.Tensor:
-    """Validate a batch of normalized images (B, 3, input_size, input_size) for a model on ``device``."""
+    """Validate a batch of normalized images (B, 3, input_size, input_size) for a model on ``device``.
+
+    ``check_finite``: also check the values (finite, within +-IMAGE_VALUE_LIMIT; see the module docstring).
+    """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, 3, {input_size}, {input_size}), "
                         f"got {type(images).__name__}; use mtlface_fast.preprocess() for images and paths")
@@ -32,17 +77,31 @@ def check_images(images, *, input_size: int, device: torch.device, dtype: torch.
     if images.dtype != dtype and not torch.is_autocast_enabled(device.type):
         raise TypeError(f"{name} has dtype {images.dtype} but the model's parameters are {dtype}; "
                         f"cast the images or the model, or run under torch.autocast")
-    if check_finite and not _is_compiling() and not bool(torch.isfinite(images).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+    if check_finite and not _is_compiling():
+        check_image_values(images, name, immediate=immediate_checks(images))
     return images
+
+
+def check_group_values(groups: torch.Tensor, age_group: int, name: str = "target_group", *,
+                       immediate: bool) -> None:
+    """Every value of the integer tensor ``groups`` in [0, age_group): a ValueError now, or a device assertion."""
+    if not immediate:
+        torch._assert_async(((groups >= 0) & (groups < age_group)).all(),
+                            f"{name} values must be in [0, {age_group})")
+        return
+    lo, hi = int(groups.min()), int(groups.max())
+    if lo < 0 or hi >= age_group:
+        raise ValueError(f"{name} values must be in [0, {age_group}), got values in [{lo}, {hi}]")
 
 
 def check_target_group(target_group, *, batch: int, age_group: int, device: torch.device,
                        name: str = "target_group") -> torch.Tensor:
-    """An int or an integer tensor of shape () / (B,) with values in [0, age_group) -> LongTensor (B,)."""
+    """An int (numpy integers too) or an integer tensor of shape () / (B,) with values in [0, age_group)
+    -> LongTensor (B,) on ``device``."""
     if isinstance(target_group, bool):
         raise TypeError(f"{name} must be an int or an integer tensor, got bool")
-    if isinstance(target_group, int):
+    if isinstance(target_group, numbers.Integral):
+        target_group = int(target_group)
         if not 0 <= target_group < age_group:
             raise ValueError(f"{name} must be in [0, {age_group}), got {target_group}")
         return torch.full((batch,), target_group, dtype=torch.long, device=device)
@@ -56,7 +115,5 @@ def check_target_group(target_group, *, batch: int, age_group: int, device: torc
     if target_group.dim() != 1 or target_group.size(0) != batch:
         raise ValueError(f"{name} must have shape ({batch},) to match the batch, got {tuple(target_group.shape)}")
     if not _is_compiling():
-        lo, hi = int(target_group.min()), int(target_group.max())
-        if lo < 0 or hi >= age_group:
-            raise ValueError(f"{name} values must be in [0, {age_group}), got values in [{lo}, {hi}]")
+        check_group_values(target_group, age_group, name, immediate=immediate_checks(target_group))
     return target_group.to(device=device, dtype=torch.long)

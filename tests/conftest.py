@@ -18,7 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# MTLFACE_TEST_THREADS=N runs the suite with N torch threads (every test must pass with 1 and with 2).
+_threads = os.environ.get("MTLFACE_TEST_THREADS", "")
+if _threads and not (_threads.isdigit() and int(_threads) >= 1):
+    raise ValueError(f"MTLFACE_TEST_THREADS must be a positive integer, got {_threads!r}")
+torch.set_num_threads(int(_threads) if _threads else max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True)

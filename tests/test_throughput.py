@@ -38,3 +38,73 @@ def test_throughput_runs_every_cpu_task_and_writes_results(tmp_path):
     assert sa["ours"]["images_per_s"] == pytest.approx(2 * 4 / (sa["ours"]["median_ms"] / 1e3))
     assert "speedup_vs_reference_x7" in sa["ours"]
     assert payload["settings"]["iters"] == 2 and payload["env"]["device"].startswith("cpu")
+
+
+def _tiny_args(tmp_path, **kw):
+    base = dict(device="cpu", dtype="fp32", tasks="encode,synthesize", batch="1", variants="reference,ours",
+                arch="cvpr", backbone="ir34", input_size=32, age_group=4, warmup=0, iters=1, seed=0,
+                out=str(tmp_path), no_save=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_results_are_written_as_each_case_completes(tmp_path, monkeypatch, capsys):
+    """The JSON is rewritten after every task and batch: an interrupted run keeps the cases it finished."""
+    real = throughput.build_cases
+
+    def interrupt_on_synthesize(task, *a, **k):
+        if task == "synthesize":
+            raise KeyboardInterrupt
+        return real(task, *a, **k)
+
+    monkeypatch.setattr(throughput, "build_cases", interrupt_on_synthesize)
+    with pytest.raises(KeyboardInterrupt):
+        throughput.execute(_tiny_args(tmp_path))
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".png"), files
+    payload = json.load(open(tmp_path / files[0]))
+    assert payload["complete"] is False and payload["cases_done"] == 2 and payload["cases_total"] == 4
+    assert [(r["task"], r["variant"]) for r in payload["results"]] == [("encode", "reference"), ("encode", "ours")]
+    assert all(r["median_ms"] > 0 for r in payload["results"])
+    out = capsys.readouterr().out
+    assert "encode" in out and "ours" in out  # the finished rows were printed as they completed
+
+
+def test_progress_counts_every_call(tmp_path):
+    updates = []
+    payload = throughput.run(_tiny_args(tmp_path, tasks="encode", batch="1,2", warmup=1, iters=2),
+                             on_update=lambda p: updates.append((p["complete"], p["cases_done"])))
+    assert updates == [(False, 2), (False, 4)] and payload["complete"] is True
+    calls = []
+    benchmark.time_interleaved({"a": lambda: None, "b": lambda: None}, "cpu", iters=3, on_call=calls.append)
+    assert calls == list("ab" "ba" "ab")
+
+
+@pytest.mark.parametrize("flags", [["--iters", "0"], ["--batch", "0"], ["--batch=-4"], ["--batch", "2,-1"],
+                                   ["--batch", "2,x"], ["--warmup", "-1"], ["--iters", "-3"]])
+def test_bad_counts_are_usage_errors(flags, capsys):
+    from mtlface_fast.cli import main
+
+    for entry in (lambda: main(["bench", *flags]), lambda: throughput.main(flags)):
+        with pytest.raises(SystemExit) as exit_:
+            entry()
+        assert exit_.value.code == 2
+        assert "error: argument --" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value", [("iters", 0), ("batch", "0"), ("batch", "-2"), ("warmup", -1)])
+def test_bad_counts_in_code_raise(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        throughput.run(_tiny_args(tmp_path, **{field: value}))
+    with pytest.raises(ValueError, match="iters"):
+        benchmark.time_interleaved({"a": lambda: None}, "cpu", iters=0)
+
+
+def test_cpu_defaults_are_the_short_run(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(throughput, "run", lambda args, on_update=None: seen.update(vars(args)) or
+                        {"results": [], "env": {"device": "cpu"}, "settings": {"dtype": "fp32"}})
+    args = throughput.argparse.ArgumentParser()
+    throughput.add_arguments(args)
+    assert throughput.execute(args.parse_args(["--no-save"])) == 0
+    assert (seen["batch"], seen["warmup"], seen["iters"]) == ([2], 1, 3)

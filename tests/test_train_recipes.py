@@ -28,11 +28,32 @@ def data(tmp_path_factory):
                                   size=48, seed=0)
 
 
+def _fixed_batch(data, path, per_identity=1):
+    """The first ``per_identity`` rows of each identity of ``data``, as a list file with absolute paths."""
+    root = os.path.dirname(data)
+    rows, count = [], {}
+    for r in (line.split() for line in open(data).read().split("\n") if line):
+        if count.get(r[0], 0) < per_identity:
+            count[r[0]] = count.get(r[0], 0) + 1
+            rows.append(r)
+    path.write_text("".join(f"{r[0]} {os.path.join(root, r[1])} {r[2]} {r[3]}\n" for r in rows))
+    return str(path), len(rows)
+
+
 @pytest.fixture(scope="module")
 def aifr_run(data, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("aifr"))
-    cfg = make_config("aifr", dict(TINY, data=data, output=out, batch_size=8, num_iter=30, lr=0.01,
-                                   warmup_steps=0, seed=0))
+    """AIFR on one fixed batch (one face of each of the 8 identities, batch 8, no flips) at a safe learning rate.
+
+    Fitting a fixed batch is plain gradient descent on one deterministic objective (up to dropout), not a
+    chaotic trajectory over random batches: at lr 1e-3 the CosFace loss (s = 64) falls from ~29 to ~0 within a
+    few steps for every seed and thread count tried (seeds 0-1, 1 and 2 threads: the total loss of the last steps
+    is ~0.06x the first, age terms included), so the bound below holds with a wide margin on any machine.
+    """
+    folder = tmp_path_factory.mktemp("aifr")
+    fixed, rows = _fixed_batch(data, folder / "fixed.txt")
+    assert rows == 8
+    cfg = make_config("aifr", dict(TINY, data=fixed, output=str(folder / "run"), batch_size=8, num_iter=10, lr=1e-3,
+                                   warmup_steps=0, seed=0, flip=False))
     return train(cfg)
 
 
@@ -44,21 +65,21 @@ def _params(path, prefix=""):
     return ckpt, {k: v for k, v in ckpt["modules"]["model"].items() if k.startswith(prefix)}
 
 
-def test_aifr_loss_decreases_and_outputs(aifr_run):
+def test_aifr_fits_a_fixed_batch_and_outputs(aifr_run):
     hist = aifr_run["history"]
-    assert aifr_run["step"] == 30 and len(hist) == 30
+    assert aifr_run["step"] == 10 and len(hist) == 10
     losses = [h["loss"] for h in hist]
     assert all(math.isfinite(x) for x in losses)
-    # CosFace (s=64) at batch 8 spikes from step to step: compare medians of the first and last ten steps
-    # (over seeds 0-3 the last ten's median is 0.52-0.75x the first ten's).
-    assert statistics.median(losses[-10:]) < 0.9 * statistics.median(losses[:10]), losses
+    # the untrained CosFace loss: the target logit s * (cos - m) ~ -22 against ~0 for the 7 others
+    assert 20 < hist[0]["id_loss"] < 40, hist[0]
+    assert statistics.median(losses[-3:]) < 0.3 * losses[0], losses
     ids = [h["id_loss"] for h in hist]
-    assert statistics.median(ids[-10:]) < 0.9 * statistics.median(ids[:10]), ids
+    assert statistics.median(ids[-3:]) < 0.1 * ids[0], ids
     out = aifr_run["output"]
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert [r["step"] for r in rows] == list(range(1, 31)) and {"loss", "lr", "images_per_s"} <= set(rows[0])
+    assert [r["step"] for r in rows] == list(range(1, 11)) and {"loss", "lr", "images_per_s"} <= set(rows[0])
     ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 30 and ckpt["recipe"] == "aifr" and len(ckpt["classes"]) == 8
+    assert ckpt["step"] == 10 and ckpt["recipe"] == "aifr" and len(ckpt["classes"]) == 8
     assert {"model", "head", "da_discriminator"} == set(ckpt["modules"])
     assert set(ckpt["optimizers"]) == {"fr"} and set(ckpt["schedulers"]) == {"fr"}
     model = MTLFace.from_pretrained(os.path.join(out, "final"))
@@ -176,12 +197,15 @@ def test_joint_losses_decrease(joint_run):
         figures[key] = (statistics.median(xs[:10]), statistics.median(xs[-10:]))
     print("joint, median of the first / last 10 steps: "
           + ", ".join(f"{k} {a:.4g} -> {b:.4g}" for k, (a, b) in figures.items()))
+    # Supervised terms at a safe learning rate (1e-3: descent, not a chaotic trajectory) must fall: the CosFace
+    # loss (from ~25 to a few units in these 30 steps) and the generator's age term (every target is the one group).
     first, last = figures["id_loss"]
     assert last < 0.8 * first, [h["id_loss"] for h in hist]
-    first, last = figures["g_loss"]
-    assert last < 0.9 * first, [h["g_loss"] for h in hist]
     first, last = figures["gage_loss"]
     assert last < 0.8 * first, [h["gage_loss"] for h in hist]
+    # The generator's total holds the adversarial term (75 x LSGAN against a discriminator that learns at the
+    # same time): not monotone by construction, so it is only bounded (it starts near 75 x 0.5).
+    assert max(h["g_loss"] for h in hist) < 2 * hist[0]["g_loss"], [h["g_loss"] for h in hist]
     # the FAS half saw features of the size the AIFR half saw (running statistics kept up)
     assert max(h["x_id_eval_ratio"] for h in hist) < 10
     ckpt, _ = _params(os.path.join(joint_run["output"], "last.pt"))

@@ -6,6 +6,7 @@ Module tree and state-dict keys are the official ones: ``input_layer``, ``block1
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -23,15 +24,18 @@ BACKBONE_UNITS = {
 
 
 def check_backbone(name: str) -> str:
-    if name not in BACKBONE_UNITS:
+    if not isinstance(name, str) or name not in BACKBONE_UNITS:
         raise ValueError(f"backbone must be one of {sorted(BACKBONE_UNITS)}, got {name!r}")
     return name
 
 
 def check_input_size(input_size: int) -> int:
-    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 16 or input_size % 16:
-        raise ValueError(f"input_size must be a positive multiple of 16, got {input_size!r}")
-    return input_size
+    """An int (numpy integers too) that is a positive multiple of 16 -> int."""
+    if (isinstance(input_size, bool) or not isinstance(input_size, numbers.Integral) or input_size < 16
+            or input_size % 16):
+        raise ValueError(f"input_size must be a positive multiple of 16 (112 in every official model), "
+                         f"got {input_size!r}")
+    return int(input_size)
 
 
 class SEModule(nn.Module):

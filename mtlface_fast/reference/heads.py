@@ -1,6 +1,8 @@
 """Heads of MTLFace: DEX age estimation, CosFace, gradient reversal, age->group mapping."""
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,9 +20,11 @@ AGE_GROUP_THRESHOLDS = {
 
 
 def check_age_group(age_group: int) -> int:
-    if isinstance(age_group, bool) or age_group not in AGE_GROUP_THRESHOLDS:
-        raise ValueError(f"age_group must be one of {sorted(AGE_GROUP_THRESHOLDS)}, got {age_group!r}")
-    return age_group
+    """An int (numpy integers too) among the supported group counts -> int (7.0 is refused: not an int)."""
+    if (isinstance(age_group, bool) or not isinstance(age_group, numbers.Integral)
+            or int(age_group) not in AGE_GROUP_THRESHOLDS):
+        raise ValueError(f"age_group must be an int, one of {sorted(AGE_GROUP_THRESHOLDS)}, got {age_group!r}")
+    return int(age_group)
 
 
 def age2group(age, age_group: int = 7):

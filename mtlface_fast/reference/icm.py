@@ -10,6 +10,8 @@ mask after each convolution, exactly as the official ``TaskRouter`` does.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,8 +20,9 @@ ICM_VARIANTS = ("cvpr", "tpami")
 
 
 def check_sigma(sigma: float) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (0.0 < float(sigma) <= 1.0):
-        raise ValueError(f"sigma must be a number in (0, 1], got {sigma!r}")
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (0.0 < float(sigma) <= 1.0):
+        shown = float(sigma) if isinstance(sigma, numbers.Real) and not isinstance(sigma, bool) else repr(sigma)
+        raise ValueError(f"sigma must be a number in (0, 1], got {shown}")
     return float(sigma)
 
 

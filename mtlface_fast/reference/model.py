@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import atomic_write, load_state_dict_strict, load_state_file
+from ..checkpoint import atomic_write, load_safetensors, load_state_dict_strict, load_state_file
+from ..errors import CheckpointError
 from ..validation import check_images, check_target_group
 from .afd import AttentionModule, check_afd_variant
 from .backbone import BACKBONE_UNITS, AIResNet, check_backbone, check_input_size
@@ -89,10 +90,9 @@ class MTLFace(nn.Module):
                  block_layer: Optional[Callable[..., nn.Module]] = None):
         super().__init__()
         check_backbone(backbone)
-        check_input_size(input_size)
-        check_age_group(age_group)
+        input_size, age_group = check_input_size(input_size), check_age_group(age_group)
         check_afd_variant(afd)
-        check_sigma(sigma)
+        sigma = check_sigma(sigma)
         self.config: Dict[str, Any] = dict(arch="cvpr", backbone=backbone, input_size=input_size, age_group=age_group,
                                            afd=afd, sigma=float(sigma))
         self.backbone = AIResNet(input_size, backbone, afd, attention_layer=attention_layer or AttentionModule,
@@ -163,20 +163,37 @@ class MTLFace(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, map_location="cpu", **kwargs):
-        """Load a folder written by :meth:`save_pretrained` (strict: every key must match)."""
-        from safetensors.torch import load_file
+        """Load a folder written by :meth:`save_pretrained` (strict: every key must match, weights finite).
 
+        Errors name the file and what is wrong with it (:class:`~mtlface_fast.errors.CheckpointError`).
+        """
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"saved model folder not found: {path}")
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path} is a file; from_pretrained reads a folder written by save_pretrained "
+                                  f"({CONFIG_FILE} + {WEIGHTS_FILE}); official checkpoint files load with "
+                                  f"MTLFace.from_official")
         cfg_path, w_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
         for p in (cfg_path, w_path):
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"not a saved MTLFace folder: {p} is missing")
-        with open(cfg_path) as fh:
-            config = json.load(fh)
+        try:
+            with open(cfg_path, encoding="utf-8") as fh:
+                config = json.load(fh)
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{cfg_path} must hold a JSON object, got {type(config).__name__}")
         if config.pop("format", None) != FORMAT_NAME:
-            raise ValueError(f"{cfg_path} was not written by save_pretrained (no format={FORMAT_NAME!r})")
+            raise CheckpointError(f"{cfg_path} was not written by save_pretrained (no format={FORMAT_NAME!r})")
         config.setdefault("arch", "cvpr")
-        model = cls(**config, **kwargs)
-        load_state_dict_strict(model, load_file(w_path, device=str(map_location)), what=w_path)
+        try:
+            model = cls(**config, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{cfg_path} does not describe a model: {exc}") from None
+        load_state_dict_strict(model, load_safetensors(w_path, "weights file", device=str(map_location)),
+                               what=w_path)
         return model
 
     @classmethod
@@ -202,17 +219,26 @@ class MTLFace(nn.Module):
                 raise ValueError("the TPAMI release checkpoint holds the whole model: do not pass generator_ckpt, "
                                  "estimation_ckpt or sigma with it")
             what = backbone_ckpt if isinstance(backbone_ckpt, (str, os.PathLike)) else "TPAMI checkpoint"
-            config = infer_tpami_config(bb)
+            try:
+                config = infer_tpami_config(bb)
+            except ValueError as exc:
+                raise CheckpointError(f"{os.fspath(what)}: {exc}") from None
             config.update(kwargs.pop("config", {}))
             model = cls(arch="tpami", **config, **kwargs)
             load_state_dict_strict(model, bb, what=str(what))
             return model
-        config = infer_backbone_config(bb)
+        try:
+            config = infer_backbone_config(bb)
+        except ValueError as exc:
+            raise CheckpointError(f"{_label(backbone_ckpt, 'backbone checkpoint')}: {exc}") from None
         gen = load_state_file(generator_ckpt, "generator checkpoint") if generator_ckpt is not None else None
         est = load_state_file(estimation_ckpt, "estimation checkpoint") if estimation_ckpt is not None else None
         age_group, found_sigma = 7, 0.1
         if gen is not None:
-            age_group, found_sigma = infer_router_config(gen)
+            try:
+                age_group, found_sigma = infer_router_config(gen)
+            except ValueError as exc:
+                raise CheckpointError(f"{_label(generator_ckpt, 'generator checkpoint')}: {exc}") from None
         elif est is not None and "group_output_layer.weight" in est:
             age_group = est["group_output_layer.weight"].shape[0]
         if sigma is None:
@@ -220,16 +246,21 @@ class MTLFace(nn.Module):
         config.update(age_group=age_group, sigma=sigma)
         config.update(kwargs.pop("config", {}))
         model = cls(**config, **kwargs)
-        load_state_dict_strict(model.backbone, bb, what="backbone checkpoint")
+        load_state_dict_strict(model.backbone, bb, what=_label(backbone_ckpt, "backbone checkpoint"))
         if gen is not None:
-            load_state_dict_strict(model.generator, gen, what="generator checkpoint")
+            load_state_dict_strict(model.generator, gen, what=_label(generator_ckpt, "generator checkpoint"))
         else:
             warnings.warn("from_official: no generator checkpoint given; synthesize() uses untrained weights")
         if est is not None:
-            load_state_dict_strict(model.estimation_network, est, what="estimation checkpoint")
+            load_state_dict_strict(model.estimation_network, est, what=_label(estimation_ckpt, "estimation checkpoint"))
         else:
             warnings.warn("from_official: no estimation checkpoint given; ages come from untrained weights")
         return model
+
+
+def _label(ckpt, what: str) -> str:
+    """How an error names a checkpoint argument: ``what`` and the path (a state dict has none)."""
+    return f"{what} {os.fspath(ckpt)}" if isinstance(ckpt, (str, os.PathLike)) else what
 
 
 def save_pretrained(model: nn.Module, path: str) -> str:

@@ -191,8 +191,7 @@ class TPAMIMTLFace(nn.Module):
                  generator_kwargs: Optional[Dict[str, Any]] = None):
         super().__init__()
         check_backbone(backbone)
-        check_input_size(input_size)
-        check_age_group(age_group)
+        input_size, age_group = check_input_size(input_size), check_age_group(age_group)
         self.config: Dict[str, Any] = dict(arch="tpami", backbone=backbone, input_size=input_size,
                                            age_group=age_group)
         # Registration order = the release's key order: decoder, encoder, age_estimator.

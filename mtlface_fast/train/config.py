@@ -33,24 +33,24 @@ class TrainConfig:
     balance: str = "none"             # sampling: "none" (official), "identity" or "age" (inverse-frequency)
     flip: bool = True                 # random horizontal flip (official: p = 0.5)
     # model
-    backbone: str = "ir50"
-    input_size: int = 112
-    age_group: int = 7
-    afd: str = "cvpr"
-    sigma: float = 0.1
+    backbone: str = "ir50"            # ir34, ir50, ir64, ir101 or irse101
+    input_size: int = 112             # square input side, a multiple of 16 (official 112)
+    age_group: int = 7                # number of age groups, 4..8 (official 7)
+    afd: str = "cvpr"                 # AFD variant: cvpr or tpami
+    sigma: float = 0.1                # ICM channel overlap of adjacent age groups, in (0, 1]
     reference: bool = False           # train the plain-PyTorch reference model instead of the fast one
     init: Optional[str] = None        # start from a save_pretrained folder or a training checkpoint
     # loop
     batch_size: int = 64              # per process (official: 64 on each of 8 GPUs)
     grad_accum: int = 1               # micro-batches per step; the step's global batch is batch_size*grad_accum*world
-    num_iter: int = 36000
-    seed: int = 0
+    num_iter: int = 36000             # optimizer steps
+    seed: int = 0                     # seed of the weights, the sampling and the augmentation
     device: str = "auto"              # auto (cuda if available), cpu, cuda, cuda:N
     amp: str = "none"                 # none, bf16 or fp16 (fp16 uses a gradient scaler)
     clip_grad: float = 0.0            # max global gradient norm; 0 disables clipping
     sync_bn: bool = False             # SyncBatchNorm across processes (CUDA only)
     # output
-    output: str = "runs/mtlface"
+    output: str = "runs/mtlface"      # run folder: metrics.jsonl, checkpoints, final/ (save_pretrained)
     log_every: int = 10               # JSONL metrics and tqdm postfix every N steps
     save_every: int = 1000            # checkpoint every N steps (and at the end); 0: only at the end
     keep_checkpoints: int = 2         # step checkpoints kept besides last.pt
@@ -88,18 +88,18 @@ class TrainConfig:
 @dataclass
 class AIFRConfig(TrainConfig):
     """Age-invariant face recognition: CosFace + age estimation + gradient-reversal domain adaptation."""
-    lr: float = 0.1
-    momentum: float = 0.9
+    lr: float = 0.1                   # SGD learning rate of the recognition networks
+    momentum: float = 0.9             # SGD momentum
     weight_decay: float = 5e-4        # on Conv/Linear/PReLU/CosFace weights; never on BN, biases, the DA head
     warmup_steps: int = 1000          # linear warm-up (official intent; the released loop never calls it)
-    milestones: Tuple[int, ...] = (20000, 23000)
-    gamma: float = 0.1
-    min_lr: float = 1e-4
-    cosface_s: float = 64.0
-    cosface_m: float = 0.35
+    milestones: Tuple[int, ...] = (20000, 23000)  # steps where the learning rate is multiplied by gamma
+    gamma: float = 0.1                # learning-rate factor at each milestone
+    min_lr: float = 1e-4              # floor of the learning rate (and the start of the warm-up)
+    cosface_s: float = 64.0           # CosFace scale s
+    cosface_m: float = 0.35           # CosFace margin m
     age_loss_weight: float = 1e-3     # --fr_age_loss_weight of the README recipe
     da_loss_weight: float = 2e-3      # --fr_da_loss_weight of the README recipe
-    grl_coeff: float = 1.0
+    grl_coeff: float = 1.0            # gradient-reversal coefficient of the domain-adaptation head
 
     recipe: typing.ClassVar[str] = "aifr"
 
@@ -116,10 +116,10 @@ class AIFRConfig(TrainConfig):
 @dataclass
 class FASConfig(TrainConfig):
     """Face age synthesis: the ICM generator against a conditional patch discriminator (LSGAN)."""
-    g_lr: float = 1e-4
-    d_lr: float = 1e-4
-    betas: Tuple[float, ...] = (0.5, 0.99)
-    gan_weight: float = 75.0
+    g_lr: float = 1e-4                # Adam learning rate of the generator
+    d_lr: float = 1e-4                # Adam learning rate of the discriminator
+    betas: Tuple[float, ...] = (0.5, 0.99)  # Adam betas of generator and discriminator
+    gan_weight: float = 75.0          # weight of the generator's LSGAN term
     id_weight: float = 2e-3           # MSE between x_id of the source and of the generated face
     age_weight: float = 10.0          # CE of the estimator's group logits on the generated face
     rec_weight: float = 0.0           # L1 of G(x, own group) to x; not in the released code (0 = official)
@@ -239,12 +239,34 @@ def make_config(recipe: str, overrides: Optional[Dict[str, Any]] = None, file: O
     return cls(**values).validate()
 
 
+def field_help(cls: Type[TrainConfig]) -> Dict[str, str]:
+    """Each field's trailing ``# comment`` in the dataclass source (the one place a field is described);
+    empty when the source is not available."""
+    import inspect
+    import re
+
+    helps: Dict[str, str] = {}
+    for klass in cls.__mro__:
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            m = re.match(r"^\s+(\w+)\s*:\s*[^=#]+=[^#]*#\s*(.+)$", line)
+            if m:
+                helps.setdefault(m.group(1), m.group(2).strip())
+    return helps
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``RECIPE`` positional, ``--config FILE`` and one flag per field of every recipe's dataclass."""
     parser.add_argument("recipe", choices=RECIPES, help="aifr | fas | joint | finetune")
     parser.add_argument("--config", help="YAML or JSON file of options (command-line flags win)")
     seen = set()
     for cls in CONFIGS.values():
+        helps = field_help(cls)
         for f in dataclasses.fields(cls):
             if f.name in seen:
                 continue
@@ -253,12 +275,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             base = _base_type(_field_types(cls)[f.name])
             default = f.default if f.default is not dataclasses.MISSING else None
             if base is bool:
+                text = helps.get(f.name, "")
                 parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                    help=f"(default {default})")
+                                    help=f"{text} (default {default})".strip())
             else:
                 shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+                text = helps.get(f.name, "")
+                shown = f" (default {shown})" if shown != "" else ""
                 parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
-                                    help=f"(default {shown})")
+                                    help=f"{text}{shown}".strip())
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

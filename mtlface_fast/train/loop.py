@@ -102,12 +102,12 @@ def build_model(cfg: TrainConfig, sync_bn: bool = False):
 def load_init(model, path: str) -> Dict[str, Dict[str, torch.Tensor]]:
     """Weights from a save_pretrained folder or a training checkpoint; returns the checkpoint's other modules."""
     if os.path.isdir(path):
-        from safetensors.torch import load_file
+        from ..checkpoint import load_safetensors
         from ..reference.model import WEIGHTS_FILE
         w = os.path.join(path, WEIGHTS_FILE)
         if not os.path.isfile(w):
             raise FileNotFoundError(f"init: {w} not found (expected a folder written by save_pretrained)")
-        load_state_dict_strict(model, load_file(w), what=f"init {path}")
+        load_state_dict_strict(model, load_safetensors(w, "init weights"), what=f"init {w}")
         return {}
     ckpt = load_checkpoint(path)
     load_state_dict_strict(model, ckpt["modules"]["model"], what=f"init {path} [model]")

@@ -17,7 +17,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from ..checkpoint import load_state_dict_strict, torch_save_atomic
+from ..checkpoint import load_state_dict_strict, torch_load, torch_save_atomic
+from ..errors import CheckpointError
 
 LAST = "last.pt"
 
@@ -61,11 +62,9 @@ def save_checkpoint(path: str, *, step: int, recipe: str, config: Dict[str, Any]
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"resume: checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = torch_load(path, "training checkpoint")
     if not isinstance(ckpt, dict) or "step" not in ckpt or "modules" not in ckpt:
-        raise ValueError(f"resume: {path} is not a training checkpoint (no 'step' / 'modules')")
+        raise CheckpointError(f"training checkpoint {path} is not a training checkpoint (no 'step' / 'modules')")
     return ckpt
 
 
