@@ -206,6 +206,10 @@ def _icm_conv_wgrad_kernel(
 
 # -- host side ---------------------------------------------------------------------------------------
 
+# The one launch-or-twin rule (kernels/utils.py), bound here so that tests can force the aten bodies.
+_use_kernels = use_kernel
+
+
 def _dot_f32(x: torch.Tensor) -> bool:
     """bf16/fp16 tiles are multiplied as fp32 in the Triton interpreter, whose low-precision ``tl.dot`` is
     wrong (triton 3.9); on GPUs they go to the tensor cores as they are."""
@@ -392,7 +396,7 @@ def icm_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     """
     _check(x, weight, offsets, starts, unit, in_win, out_win)
     n_out = unit if out_win else weight.size(0)
-    if not use_kernel(x):
+    if not _use_kernels(x):
         return _ref_conv(x, weight, bias, offsets, starts, unit, in_win, out_win)
     return _launch_conv(x, weight, offsets, starts, unit, in_win, out_win, n_out,
                         shift=None if bias is None else bias.float())
@@ -402,7 +406,7 @@ def icm_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 def icm_conv_grad_input(dy: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, starts: torch.Tensor,
                         unit: int, in_win: bool, out_win: bool, cin: int) -> torch.Tensor:
     """Input gradient of ``icm_conv``: (B, unit or C_out, H, W) -> (B, cin, H, W)."""
-    if not use_kernel(dy):
+    if not _use_kernels(dy):
         return _ref_grad_input(dy, weight, offsets, starts, unit, in_win, out_win, cin)
     # The transposed convolution is the forward kernel on the flipped, transposed block: windows swap.
     return _launch_conv(dy.contiguous(), weight, offsets, starts, unit, out_win, in_win, cin, transpose=True)
@@ -412,7 +416,7 @@ def icm_conv_grad_input(dy: torch.Tensor, weight: torch.Tensor, offsets: torch.T
 def icm_conv_grad_weight(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
                          starts: torch.Tensor, unit: int, in_win: bool, out_win: bool) -> torch.Tensor:
     """Weight gradient of ``icm_conv`` (full weight shape, weight's dtype; fp32 accumulation)."""
-    if not use_kernel(dy):
+    if not _use_kernels(dy):
         return _ref_grad_weight(dy, x, weight, offsets, starts, unit, in_win, out_win)
     c_out, c_in, ks, _ = weight.shape
     B, cin, H, W = x.shape
@@ -439,7 +443,7 @@ def icm_conv_fused(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.
     if act not in (ACT_NONE, ACT_PRELU, ACT_LEAKY) or (act == ACT_PRELU and slope is None):
         raise ValueError(f"act must be 0, 1 (with slope) or 2, got {act}")
     n_out = unit if out_win else weight.size(0)
-    if not use_kernel(x):
+    if not _use_kernels(x):
         return _ref_fused(x, weight, scale, shift, residual, slope, offsets, starts, unit, in_win, out_win, act,
                           neg_slope)
     f32 = lambda v: None if v is None else v.float().contiguous()  # noqa: E731
