@@ -46,10 +46,12 @@ def _noise_bias_lrelu_fwd_kernel(
         pix = (offs // (C * HW)) * HW + offs % HW
     b = pix // HW
     hw = pix % HW
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    nz = tl.load(noise_ptr + b * noise_bstride + hw, mask=mask, other=0.0).to(tl.float32)
-    bias = tl.load(bias_ptr + c, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(strength_ptr).to(tl.float32)
+    # fp32 arithmetic for fp32 and lower, fp64 for fp64 inputs (the aten path's dtype).
+    acc = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc)
+    nz = tl.load(noise_ptr + b * noise_bstride + hw, mask=mask, other=0.0).to(acc)
+    bias = tl.load(bias_ptr + c, mask=mask, other=0.0).to(acc)
+    s = tl.load(strength_ptr).to(acc)
     z = x + s * nz + bias
     y = tl.where(z > 0, z, z * slope) * gain
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -118,11 +120,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     out, noise, strength = ctx.saved_tensors
     # y > 0 exactly where the pre-activation is > 0 (gain > 0): no need to keep the input.
-    dz = grad * torch.where(out > 0, ctx.gain, ctx.gain * ctx.slope).to(grad.dtype)
-    dz32 = dz.float()
+    # As autograd through ``leaky_relu(z, slope) * gain``: the gain first, then the slope where z <= 0.
+    g = grad * ctx.gain
+    dz = torch.where(out > 0, g, g * ctx.slope)
+    dz32 = dz.to(torch.float64 if dz.dtype == torch.float64 else torch.float32)  # fp32 sums, fp64 for fp64
     d_bias = dz32.sum(dim=(0, 2, 3)).to(ctx.bias_dtype)
-    d_strength = (dz32 * noise.float()).sum().reshape(1).to(strength.dtype)
-    d_noise = dz32.sum(dim=1, keepdim=True) * strength.float()
+    d_strength = (dz32 * noise.to(dz32.dtype)).sum().reshape(1).to(strength.dtype)
+    d_noise = dz32.sum(dim=1, keepdim=True) * strength.to(dz32.dtype)
     if ctx.noise_batch == 1:
         d_noise = d_noise.sum(dim=0, keepdim=True)
     return dz, d_noise.to(noise.dtype), d_strength, d_bias, None, None

@@ -3,8 +3,9 @@
 Layers injected through the reference constructor (see :mod:`mtlface_fast.layers`):
 ``block_layer`` (trunk units with BN folded at inference), and the fused AFD / ICM layers when they are
 available. Which implementation of a fused op runs is chosen by the backend switch
-(:mod:`mtlface_fast.backend`). Inference runs channels_last (convolutions are faster in that layout on
-CPU and GPU); NVTX ranges mark backbone, AFD, heads, ICM and decoder when enabled
+(:mod:`mtlface_fast.backend`). Inference on CUDA runs channels_last (cuDNN's fast convolutions are NHWC);
+on CPU it stays NCHW: oneDNN's fp32 NHWC convolutions are several times less accurate there (about 2e-6
+relative against fp64 for a 3x3 512-channel layer, 3e-7 in NCHW) and no faster for this model; NVTX ranges mark backbone, AFD, heads, ICM and decoder when enabled
 (:mod:`mtlface_fast.nvtx`). Mixed precision is asked for explicitly, never hidden in ``forward``: the
 ``dtype=`` keyword of the public methods runs that call under ``torch.autocast`` (bf16 or fp16; fp32
 weights stay fp32), or the caller uses ``torch.autocast`` / ``model.to(torch.bfloat16)`` directly.
@@ -33,10 +34,23 @@ def precision(images: torch.Tensor, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device, dtype=dtype)
 
 
+def channels_last_for(model, images: torch.Tensor) -> bool:
+    """The layout switch: ``model.channels_last`` when set, else channels_last on CUDA only (see module doc)."""
+    if model.channels_last is None:
+        return images.is_cuda
+    return bool(model.channels_last)
+
+
+def check_channels_last(channels_last) -> Optional[bool]:
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise ValueError(f"channels_last must be True, False or None (CUDA only), got {channels_last!r}")
+    return channels_last
+
+
 def encoder_features(model, encoder, images: torch.Tensor) -> Features:
     """The fast models' encoder pass: checked input, channels_last trunk, AFD, NVTX ranges."""
     images = model._check(images)
-    if model.channels_last:
+    if channels_last_for(model, images):
         images = images.contiguous(memory_format=torch.channels_last)
     with nvtx_range("backbone"):
         x_1, x_2, x_3, x_4, x_5 = encoder.trunk(images)
@@ -59,18 +73,19 @@ def check_groups_per_call(images, age_group: int, groups_per_call: Optional[int]
 class MTLFace(ReferenceMTLFace):
     """Drop-in fast MTLFace; see :class:`mtlface_fast.reference.MTLFace` for the arguments and API.
 
-    Extra keyword: ``channels_last`` (default True): run convolutions in channels_last layout.
+    Extra keyword: ``channels_last``: run convolutions in channels_last layout (True), in NCHW (False), or
+    channels_last on CUDA tensors only (None, the default; see the module doc).
     """
 
     def __init__(self, backbone: str = "ir50", input_size: int = 112, age_group: int = 7, afd: str = "cvpr",
-                 sigma: float = 0.1, *, channels_last: bool = True, **kwargs):
+                 sigma: float = 0.1, *, channels_last: Optional[bool] = None, **kwargs):
         kwargs.setdefault("block_layer", layers.FastBottleneckIR)
         if getattr(layers, "FusedAttentionModule", None) is not None:
             kwargs.setdefault("attention_layer", layers.FusedAttentionModule)
         if getattr(layers, "CompactAgingModule", None) is not None:
             kwargs.setdefault("generator_layer", layers.CompactAgingModule)
         super().__init__(backbone, input_size, age_group, afd, sigma, **kwargs)
-        self.channels_last = channels_last
+        self.channels_last = check_channels_last(channels_last)
 
     @classmethod
     def tpami_class(cls):

@@ -3,8 +3,9 @@
 Built by ``mtlface_fast.MTLFace(arch="tpami")`` and ``mtlface_fast.MTLFace.from_official(<release file>)``.
 Injected layers: BN-folded trunk units, the fused AFD (TPAMI variant) and the compact ICM (InstanceNorm
 variant) when :mod:`mtlface_fast.layers` provides them, and the StyleGAN2 layers of
-:mod:`mtlface_fast.layers.stylegan2` (dense modulated convolutions). Inference runs channels_last;
-``dtype=`` runs a call under autocast (bf16/fp16), as the fast CVPR model.
+:mod:`mtlface_fast.layers.stylegan2` (dense modulated convolutions). Inference on CUDA runs channels_last
+(NCHW on CPU, see :mod:`mtlface_fast.model`); ``dtype=`` runs a call under autocast (bf16/fp16), as the
+fast CVPR model.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from . import layers
 from .layers.stylegan2 import FastStyledConv, FastToRGB
-from .model import check_groups_per_call, encoder_features, precision
+from .model import check_channels_last, check_groups_per_call, encoder_features, precision
 from .nvtx import nvtx_range
 from .reference.model import Features
 from .reference.tpami import TPAMIAgingModule, TPAMIMTLFace
@@ -40,11 +41,11 @@ def compact_icm_layer() -> Optional[Callable[..., nn.Module]]:
 class FastTPAMIMTLFace(TPAMIMTLFace):
     """Drop-in fast TPAMI model; see :class:`mtlface_fast.reference.tpami.TPAMIMTLFace` for the API.
 
-    Extra keyword: ``channels_last`` (default True): run convolutions in channels_last layout.
+    Extra keyword: ``channels_last`` (True, False, or None: CUDA only, the default), as the fast CVPR model.
     """
 
     def __init__(self, backbone: str = "ir50", input_size: int = 112, age_group: int = 7, *,
-                 channels_last: bool = True, **kwargs):
+                 channels_last: Optional[bool] = None, **kwargs):
         kwargs.setdefault("block_layer", layers.FastBottleneckIR)
         if getattr(layers, "FusedAttentionModule", None) is not None:
             kwargs.setdefault("attention_layer", layers.FusedAttentionModule)
@@ -55,7 +56,7 @@ class FastTPAMIMTLFace(TPAMIMTLFace):
         gk.setdefault("styled_conv_layer", FastStyledConv)
         gk.setdefault("to_rgb_layer", FastToRGB)
         super().__init__(backbone, input_size, age_group, generator_kwargs=gk, **kwargs)
-        self.channels_last = channels_last
+        self.channels_last = check_channels_last(channels_last)
 
     def _precision(self, images, dtype: Optional[torch.dtype]):
         return precision(images, dtype)

@@ -73,6 +73,9 @@ class CompactICM:
         bn_stats = check_bn_stats(self.bn_stats)
         if x_id.size(0) == 0:
             return ICMBase.icm(self, x_id, groups)
+        if x_id.dtype == torch.float64 and not torch.compiler.is_compiling():
+            # The window-convolution kernels accumulate in fp32: fp64 takes the PyTorch twin (fp64 throughout).
+            return compact_icm_torch(self, x_id, groups, bn_stats)
         if use_triton_for(x_id) or torch.compiler.is_compiling():
             # Traced CPU graphs take the op path too (the ops' aten bodies): the per-group PyTorch loop
             # needs the group counts on the host.

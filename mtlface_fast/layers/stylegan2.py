@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..backend import use_triton_for
 from ..reference.stylegan2 import LRELU_GAIN, StyledConv, ToRGB
+from .fold import acc_dtype
 
 
 def fir_upsample2x(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -56,8 +57,9 @@ def _modulate(conv, style: torch.Tensor):
     s = conv.modulation(style)
     w = conv.weight[0] * conv.scale
     d = None
-    if conv.demodulate:
-        d = torch.rsqrt((s * s).float() @ w.float().pow(2).sum([2, 3]).t() + conv.eps).to(s.dtype)
+    if conv.demodulate:  # fp32 for low precision, fp64 for fp64 (the reference's dtype then)
+        acc = acc_dtype(s, w)
+        d = torch.rsqrt((s * s).to(acc) @ w.to(acc).pow(2).sum([2, 3]).t() + conv.eps).to(s.dtype)
     return s, d, w
 
 

@@ -42,8 +42,9 @@ def age2group(age, age_group: int = 7):
 
 def dex_age(age_logits: torch.Tensor) -> torch.Tensor:
     """DEX expected age: softmax over the 101 bins times 0..100, summed. (B, 101) -> (B,)."""
-    bins = torch.arange(age_logits.size(-1), device=age_logits.device, dtype=torch.float32)
-    return (F.softmax(age_logits.float(), dim=-1) * bins).sum(-1)
+    acc = torch.promote_types(age_logits.dtype, torch.float32)  # fp32 for low precision, fp64 stays fp64
+    bins = torch.arange(age_logits.size(-1), device=age_logits.device, dtype=acc)
+    return (F.softmax(age_logits.to(acc), dim=-1) * bins).sum(-1)
 
 
 class AgeEstimationModule(nn.Module):

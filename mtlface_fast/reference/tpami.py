@@ -239,7 +239,8 @@ class TPAMIMTLFace(nn.Module):
 
     def expected_age(self, age_logits: torch.Tensor) -> torch.Tensor:
         """DEX expected age with the ``expectation`` buffer, (B, 101) -> (B,)."""
-        return (F.softmax(age_logits.float(), dim=1) * self.age_estimator.expectation.float()[None, :]).sum(dim=1)
+        acc = torch.promote_types(age_logits.dtype, torch.float32)  # fp32 for low precision, fp64 stays fp64
+        return (F.softmax(age_logits.to(acc), dim=1) * self.age_estimator.expectation.to(acc)[None, :]).sum(dim=1)
 
     def _single(self, images: torch.Tensor):
         f = self.features(images)
