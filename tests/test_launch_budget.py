@@ -136,3 +136,15 @@ def test_conv_counts_come_from_the_model():
     # ir34: input layer + 16 units of two convolutions + 3 convolution shortcuts (stages 2-4) = 36; AFD: 3
     trunk, fused, _ = conv_counts("cvpr", "encode")
     assert trunk == 1 + 16 * 2 + 3 and fused == 3
+
+
+def test_device_side_checks_still_reject_bad_input():
+    # Under the GPU branches the value checks are device assertions (no sync); on CPU tensors the assertion
+    # still fires at once: never a silent wrong answer.
+    fast = _models("cvpr")[0]
+    bad = _images()
+    bad[1, 0, 3, 3] = float("nan")
+    with torch.no_grad(), use_backend("triton"), count_launches() as rec:
+        with pytest.raises(RuntimeError, match="NaN, infinite or un-normalized"):
+            fast(bad)
+    assert not rec.syncs and "_assert_async" in rec.aten, rec.report()
