@@ -20,9 +20,10 @@ lateral layers and StyleGAN2 synthesis network). ``forward`` and ``synthesize_al
 These budgets are NOT met today: every trunk unit still runs its PReLU and its residual add as separate aten
 ops (a conv-epilogue fusion is missing), and the heads, the decoder's BatchNorms / PReLUs / adds and the
 StyleGAN2 modulation are unfused aten ops. So each call asserts ``launches <= CEILING``: the exact counts
-measured after the leading trunk BN became one ``addcmul``, a regression ceiling to lower as the fusions
+measured after the leading trunk BN became one ``addcmul`` (and synthesize_all_ages stopped repeating the
+features the generator does not read), a regression ceiling to lower as the fusions
 land; the issue budget is printed next to it (``-s``). Measured (launches / issue budget): CVPR forward
-100 / 48, encode 109 / 48, synthesize 169 / 79, synthesize_all_ages 178 / 79; TPAMI forward 103 / 48,
+100 / 48, encode 109 / 48, synthesize 169 / 79, synthesize_all_ages 175 / 79; TPAMI forward 103 / 48,
 encode 121 / 48, synthesize 345 / 99, synthesize_all_ages 351 / 99 (conv counts: trunk 36, CVPR decoder 23,
 TPAMI decoder 43). Before (the CPU-style input check with its host read, two-op leading BN): CVPR 115, 124,
 184, 193 launches and 1 sync each. The test prints every launch when a ceiling is exceeded.
@@ -47,7 +48,7 @@ CALLS = ("forward", "encode", "synthesize", "synthesize_all_ages")
 # None: the issue budget is met and asserted.
 CEILING = {
     ("cvpr", "forward"): 100, ("cvpr", "encode"): 109,
-    ("cvpr", "synthesize"): 169, ("cvpr", "synthesize_all_ages"): 178,
+    ("cvpr", "synthesize"): 169, ("cvpr", "synthesize_all_ages"): 175,
     ("tpami", "forward"): 103, ("tpami", "encode"): 121,
     ("tpami", "synthesize"): 345, ("tpami", "synthesize_all_ages"): 351,
 }
