@@ -140,7 +140,8 @@ class MTLFace(ReferenceMTLFace):
                 n = min(groups_per_call, G - g0)
                 rep = lambda t: t.repeat_interleave(n, dim=0) if n > 1 else t  # noqa: E731 (sample-major)
                 groups = torch.arange(g0, g0 + n, device=images.device).repeat(B)
-                fr = Features(*(rep(t) for t in f))
+                # only what _generate reads (x_1, x_5 and x_age are not): no needless copies
+                fr = f._replace(x_2=rep(f.x_2), x_3=rep(f.x_3), x_4=rep(f.x_4), x_id=rep(f.x_id))
                 outs.append(self._generate(rep(images), fr, groups).view(B, n, *images.shape[1:]))
             return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 

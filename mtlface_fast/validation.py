@@ -28,8 +28,12 @@ def _is_compiling() -> bool:
 
 
 def immediate_checks(tensor: torch.Tensor) -> bool:
-    """Whether value checks on ``tensor`` may read it on the host (CPU tensors, or MTLFACE_FAST_SYNC_CHECKS=1)."""
-    return tensor.device.type == "cpu" or os.environ.get(SYNC_CHECKS_ENV, "0") not in ("", "0")
+    """Whether value checks on ``tensor`` may read it on the host (CPU tensors, or MTLFACE_FAST_SYNC_CHECKS=1).
+
+    A tensor that says ``is_cuda`` takes the device-side branch whatever its ``device`` reports.
+    """
+    on_host = tensor.device.type == "cpu" and not tensor.is_cuda
+    return on_host or os.environ.get(SYNC_CHECKS_ENV, "0") not in ("", "0")
 
 
 def check_image_values(images: torch.Tensor, name: str = "images", *, immediate: bool) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from mtlface_fast import use_backend
 from mtlface_fast.layers.icm import CompactICM, forward_supported, pack_forward
 from mtlface_fast.reference.icm import ICMBase
-from tests.launch_count_icm import check_budget, count_launches
+from tests.launch_count import check_budget, count_launches
 from tests.test_icm_kernels import _only_config, _program_order
 from tests.utils import assert_close, max_rel_err, randomize_
 

@@ -77,7 +77,7 @@ class FastBottleneckIR(BottleneckIR):
         cache = self._folds.setdefault((x.dtype, dt), FoldCache())
         p = cache.get(self, lambda: {k: v.to(x.dtype if k in ("s0", "t0") else dt) for k, v in self._build().items()})
         r = self.res_layer
-        y = x * p["s0"].view(1, -1, 1, 1) + p["t0"].view(1, -1, 1, 1)
+        y = torch.addcmul(p["t0"].view(1, -1, 1, 1), x, p["s0"].view(1, -1, 1, 1))  # the leading BN: one op
         y = F.conv2d(y, p["w1"], p["b1"], 1, 1)
         y = r[3](y)
         y = F.conv2d(y, p["w2"], p["b2"], self.stride, 1)
