@@ -17,8 +17,6 @@ def long_description():
     return open(path, encoding="utf-8").read() if os.path.isfile(path) else ""
 
 
-FACENET = "facenet-pytorch>=2.5.3,!=2.6.*"
-
 packages = find_packages(include=["mtlface_fast", "mtlface_fast.*"]) + ["mtlface_fast.kernels"]
 
 setup(
@@ -50,10 +48,10 @@ setup(
         # mtlface_fast.mtcnn then runs facenet-pytorch's networks and weights with plain torch.)
         # The Triton kernels run on CUDA tensors only. CUDA builds of torch bring their own matching triton,
         # so a CPU install needs none; the test suite runs the kernels in the Triton interpreter on CPU.
-        "test": ["pytest", "onnx", "onnxruntime", "onnxscript", "PyYAML", FACENET, "torchvision<0.29",
-                 "triton>=3.0; platform_system == 'Linux'"],
+        "test": ["pytest", "onnx", "onnxruntime", "onnxscript", "PyYAML", "facenet-pytorch>=2.5.3,!=2.6.*",
+                 "torchvision<0.29", "triton>=3.0; platform_system == 'Linux'"],
         # photo -> aligned face: MTCNN and its weights (shipped in the wheel); 2.6.x pins torch<2.3 and numpy<2
-        "align": [FACENET],
+        "align": ["facenet-pytorch>=2.5.3,!=2.6.*"],
         "triton": ["triton>=3.0; platform_system == 'Linux'"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "trt": ["torch-tensorrt"],

@@ -103,37 +103,52 @@ def test_fast_model_matches_reference(pair):
 
 
 def test_fast_model_backward_matches_reference(pair):
-    """Every parameter gradient of the fast model is as close to the fp64 truth as the fp32 reference's (x2).
+    """Every parameter gradient of the fast model: the same function as the reference's in float64, and in fp32
+    as close to the fp64 truth as the fp32 reference's (x2, the flash-attn rule).
 
-    The flash-attn rule: the 32 px test model has 2x2 and 4x4 InstanceNorm inputs whose backward amplifies
-    rounding, so a fixed tolerance would measure conditioning; the fp64 reference measures it instead.
+    The model is piecewise linear (PReLU / LeakyReLU): its fp32 pre-activations nearest zero are ~1e-5 of their
+    RMS, so a correct fp32 computation can put one of them on the other side of the kink, and the gradients
+    below it jump (the fp32 reference itself, run in channels_last, is off by 70x its NCHW error on one
+    weight). Which computation flips depends on the CPU's last bits, so the fp32 rule is judged on the whole
+    gradient (RMS over every parameter, each on its own scale) and on each tensor's relative norm with a bound
+    that a wrong formula exceeds by far; the float64 comparison, where no flip happens, is exact per element.
+    The 32 px test model has 2x2 and 4x4 InstanceNorm inputs whose backward amplifies rounding, so a fixed
+    fp32 tolerance would measure conditioning; the fp64 reference measures it instead.
     """
     r, f = pair
-    r64 = copy.deepcopy(r).double()
+    r64, f64 = copy.deepcopy(r).double(), copy.deepcopy(f).double()
     x, cond = _x(1, seed=4), torch.tensor([3])
     grads = []
-    for m, inp in ((r, x), (f, x), (r64, x.double())):
+    for m, inp in ((r, x), (f, x), (r64, x.double()), (f64, x.double())):
         m.zero_grad(set_to_none=True)
         loss = m.synthesize(inp, cond).square().mean() + m(inp).sum()
         loss.backward()
         grads.append({n: p.grad.double() for n, p in m.named_parameters() if p.grad is not None})
         m.zero_grad(set_to_none=True)
-    g32, gfast, g64 = grads
-    assert set(gfast) == set(g32) == set(g64) and len(g64) > 300
+    g32, gfast, g64, gfast64 = grads
+    assert set(gfast) == set(g32) == set(g64) == set(gfast64) and len(g64) > 300
 
     def module_scale(name):
         prefix = ".".join(name.split(".")[:2])
         return max(float(g.abs().max()) for k, g in g64.items() if k.startswith(prefix))
 
+    sq_ref = sq_fast = count = 0.0
     for n, truth in g64.items():
         # Scalar-like gradients (noise strengths, the spatial BN(1)) are single sums of many signed terms,
         # and the bias of a convolution that a normalization follows has a zero gradient in exact
         # arithmetic: judge those on their module's gradient scale rather than on their own, cancelled, size.
         own, mod = float(truth.abs().max()), module_scale(n)
         scale = (own if truth.numel() >= 16 and own > 1e-6 * mod else mod) or 1.0
-        ref_err = float((g32[n] - truth).abs().max()) / scale
-        err = float((gfast[n] - truth).abs().max()) / scale
-        assert err <= 2 * ref_err + 1e-5, f"grad {n}: error {err:.3e} vs the fp32 reference's {ref_err:.3e}"
+        err64 = float((gfast64[n] - truth).abs().max()) / scale
+        assert err64 <= 1e-10, f"grad {n} in float64: fast vs reference {err64:.3e}"
+        sq_ref += float(((g32[n] - truth) / scale).square().sum())
+        sq_fast += float(((gfast[n] - truth) / scale).square().sum())
+        count += truth.numel()
+        norm = float(truth.norm()) if scale == own else scale * truth.numel() ** 0.5
+        rel = float((gfast[n] - truth).norm()) / norm
+        assert rel <= 5e-2, f"grad {n}: relative norm error {rel:.3e} in fp32"
+    rms_ref, rms_fast = (sq_ref / count) ** 0.5, (sq_fast / count) ** 0.5
+    assert rms_fast <= 2 * rms_ref + 1e-6, f"fp32 gradients: RMS error {rms_fast:.3e} vs the reference's {rms_ref:.3e}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (full-size TPAMI model on the device)")
