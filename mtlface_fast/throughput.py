@@ -24,7 +24,7 @@ peak memory (taken during the warm-up), and a PNG bar chart is written beside it
 
 The JSON and PNG are rewritten as each task and batch completes (``"complete": false`` until the last), and
 each row is printed then, so an interrupted run keeps what it measured; the progress bar counts calls.
-The CPU default (batch 2, 1 warm-up and 3 timed calls per variant, ir50 at 112x112) takes about 1-2 minutes
+The CPU default (batch 1, 1 warm-up and 3 timed calls per variant, ir50 at 112x112) is sized for 2 minutes
 on 2 idle cores; ``--batch 8 --iters 5`` gives steadier figures in several times that.
 """
 from __future__ import annotations
@@ -370,7 +370,7 @@ def format_row(r: Dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
     p.add_argument("--batch", default=None, type=batch_list,
-                   help="comma-separated batch sizes, each >= 1 (cpu: 2; cuda: 1,64,256)")
+                   help="comma-separated batch sizes, each >= 1 (cpu: 1; cuda: 1,64,256)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype of the fast/autocast "
                    "variants (fp32)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {TASKS}")
@@ -398,7 +398,7 @@ def execute(args) -> int:
     """Run the benchmark for parsed arguments (see :func:`add_arguments`): rows are printed and the JSON + PNG
     rewritten as each task and batch completes."""
     cuda = args.device.startswith("cuda")
-    args.batch = args.batch or ("1,64,256" if cuda else "2")
+    args.batch = args.batch or ("1,64,256" if cuda else "1")
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     args.iters = args.iters if args.iters is not None else (20 if cuda else 3)
     check_settings(args)

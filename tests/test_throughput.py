@@ -107,4 +107,4 @@ def test_cpu_defaults_are_the_short_run(tmp_path, monkeypatch):
     args = throughput.argparse.ArgumentParser()
     throughput.add_arguments(args)
     assert throughput.execute(args.parse_args(["--no-save"])) == 0
-    assert (seen["batch"], seen["warmup"], seen["iters"]) == ([2], 1, 3)
+    assert (seen["batch"], seen["warmup"], seen["iters"]) == ([1], 1, 3)
