@@ -123,23 +123,30 @@ def test_fast_and_reference_train_alike(data, tmp_path):
     # (channels_last vs NCHW) round differently, so gradients differ by ~1e-3 relative through 34 layers
     # (and that difference then grows from step to step, which the losses above bound).
     init = build_model(make_config("aifr", dict(TINY, data=data))).state_dict()
-    worst = {}
-    for step, limit in ((1, 1e-2),):
-        name = f"checkpoints/step_{step:08d}.pt"
-        _, pa = _params(tmp_path / "False" / name)
-        _, pb = _params(tmp_path / "True" / name)
-        moved = 0
-        for k in pa:
-            if pa[k].is_floating_point() and "running_" not in k and k.startswith(("backbone.", "estimation_")):
-                da, db = pa[k] - init[k], pb[k] - init[k]
-                if db.abs().max() < 1e-6:
-                    continue
-                moved += 1
-                err = float((da - db).abs().max() / db.abs().max())
-                worst[step] = max(worst.get(step, 0.0), err)
-                assert err < limit, (step, k, err)
-        assert moved > 100
-    print(f"fast vs reference: max relative error of the first step's parameter updates: {worst[1]:.2e}")
+    name = "checkpoints/step_00000001.pt"
+    _, pa = _params(tmp_path / "False" / name)
+    _, pb = _params(tmp_path / "True" / name)
+    worst, diff2, ref2, moved = 0.0, 0.0, 0.0, 0
+    for k in pa:
+        if pa[k].is_floating_point() and "running_" not in k and k.startswith(("backbone.", "estimation_")):
+            da, db = pa[k] - init[k], pb[k] - init[k]
+            if db.abs().max() < 1e-6:
+                continue
+            moved += 1
+            # Norm-relative, not max-element: an element's update can be a near-cancelling sum (the mean that
+            # train-mode BN removes), whose rounding depends on the conv algorithm and the thread count (the
+            # max-element error of block3.0.res_layer.1.weight is 2.3e-2 with 1 thread, ~1e-3 with 2; the
+            # per-tensor norm-relative worst 8e-3 with 1 thread, 7e-4 with 2).
+            err = float((da - db).norm() / db.norm())
+            worst = max(worst, err)
+            assert err < 5e-2, (k, err)
+            diff2 += float((da - db).double().pow(2).sum())
+            ref2 += float(db.double().pow(2).sum())
+    assert moved > 100
+    total = (diff2 / ref2) ** 0.5
+    assert total < 1e-2, total
+    print(f"fast vs reference, first step's parameter updates: norm-relative error {total:.2e} overall, "
+          f"{worst:.2e} in the worst tensor")
 
 
 def test_fast_and_reference_fas_alike(data, tmp_path):
