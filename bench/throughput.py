@@ -1,6 +1,6 @@
 """Whole-model throughput of mtlface_fast vs the reference; see ``mtlface_fast/throughput.py``.
 
-CPU (default: batch 2, about 1-2 minutes on 2 idle cores):  python bench/throughput.py
+CPU (default: batch 1, sized for 2 minutes on 2 idle cores):  python bench/throughput.py
 GPU:  python bench/throughput.py --device cuda --batch 1,64,256 --dtype bf16
 """
 import os

@@ -107,4 +107,12 @@ def test_cpu_defaults_are_the_short_run(tmp_path, monkeypatch):
     args = throughput.argparse.ArgumentParser()
     throughput.add_arguments(args)
     assert throughput.execute(args.parse_args(["--no-save"])) == 0
-    assert (seen["batch"], seen["warmup"], seen["iters"]) == ([2], 1, 3)
+    assert (seen["batch"], seen["warmup"], seen["iters"]) == ([1], 1, 3)
+
+
+def test_train_step_is_skipped_at_batch_1_and_error_rows_do_not_break_the_plot(tmp_path):
+    payload = throughput.run(_tiny_args(tmp_path, tasks="encode,train_step", batch="1", variants="ours"))
+    assert [(r["task"], r["batch"]) for r in payload["results"]] == [("encode", 1)]
+    assert "train_step at batch 1" in payload["settings"]["skipped_variants"]
+    payload["results"].append(dict(task="encode", batch=1, variant="reference", error="ValueError: x"))
+    assert throughput.plot(payload, str(tmp_path / "p.png")).endswith("p.png")

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ import torch
 from PIL import Image, ImageDraw
 
 import mtlface_fast
-from mtlface_fast import reference as ref
 from mtlface_fast import demo, validation
 from mtlface_fast.errors import CheckpointError
 from tests.utils import randomize_
@@ -170,7 +168,7 @@ def test_constructor_errors_are_clear(kwargs, match):
         mtlface_fast.MTLFace(**kwargs)
 
 
-# -- preprocess ---------------------------------------------------------------------------------------------------------
+# -- preprocess --------------------------------------------------------------------------------------------------------
 def test_preprocess_refuses_out_of_range_floats_sizes_and_non_images(tmp_path):
     with pytest.raises(ValueError, match=r"\[0, 1\].*got values in \[0\.\d+, 2\d\d"):
         mtlface_fast.preprocess(torch.rand(1, 3, 32, 32) * 255)
