@@ -1,7 +1,7 @@
 """Hot-path calls of the fused AFD for ``gpu_proxy.py`` (static SASS and launch counts without a GPU).
 
-    python /work/shared/tools/gpu_proxy.py sass bench.afd_proxy_specs:eval_cvpr_b256
-    python /work/shared/tools/gpu_proxy.py launches bench.afd_proxy_specs:train_cvpr_b256
+    python ../shared/tools/gpu_proxy.py sass bench.afd_proxy_specs:eval_cvpr_b256
+    python ../shared/tools/gpu_proxy.py launches bench.afd_proxy_specs:train_cvpr_b256
 
 Each function makes one call of the module at B=256, 512 x 7 x 7, bf16 (eval: no_grad forward;
 train: forward + backward of a composite loss). The module and inputs are built once per process.

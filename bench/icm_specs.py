@@ -1,4 +1,4 @@
-"""gpu_proxy SPECs for the compact ICM (``python /work/shared/tools/gpu_proxy.py sass bench.icm_specs:eval_b64``).
+"""gpu_proxy SPECs for the compact ICM (``python ../shared/tools/gpu_proxy.py sass bench.icm_specs:eval_b64``).
 
 Each function makes ONE call of the hot path; modules and inputs are built once. Full-size ICMs on
 (B, C, 7, 7) inputs with mixed groups: the CVPR generator's ICM (512 -> 819, 7 groups, sigma 0.1) and the
