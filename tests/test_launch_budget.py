@@ -23,8 +23,8 @@ StyleGAN2 modulation are unfused aten ops. So each call asserts ``launches <= CE
 measured after the leading trunk BN became one ``addcmul`` (and synthesize_all_ages stopped repeating the
 features the generator does not read), a regression ceiling to lower as the fusions
 land; the issue budget is printed next to it (``-s``). Measured (launches / issue budget): CVPR forward
-100 / 48, encode 109 / 48, synthesize 169 / 79, synthesize_all_ages 175 / 79; TPAMI forward 103 / 48,
-encode 121 / 48, synthesize 345 / 99, synthesize_all_ages 351 / 99 (conv counts: trunk 36, CVPR decoder 23,
+100 / 48, encode 110 / 48, synthesize 169 / 79, synthesize_all_ages 175 / 79; TPAMI forward 103 / 48,
+encode 122 / 48, synthesize 345 / 99, synthesize_all_ages 351 / 99 (conv counts: trunk 36, CVPR decoder 23,
 TPAMI decoder 43). Before (the CPU-style input check with its host read, two-op leading BN): CVPR 115, 124,
 184, 193 launches and 1 sync each. The test prints every launch when a ceiling is exceeded.
 """
@@ -47,9 +47,9 @@ CALLS = ("forward", "encode", "synthesize", "synthesize_all_ages")
 # Launches (Triton + aten) measured per call at B=4, ir34 (see the module docstring): the regression ceiling.
 # None: the issue budget is met and asserted.
 CEILING = {
-    ("cvpr", "forward"): 100, ("cvpr", "encode"): 109,
+    ("cvpr", "forward"): 100, ("cvpr", "encode"): 110,
     ("cvpr", "synthesize"): 169, ("cvpr", "synthesize_all_ages"): 175,
-    ("tpami", "forward"): 103, ("tpami", "encode"): 121,
+    ("tpami", "forward"): 103, ("tpami", "encode"): 122,
     ("tpami", "synthesize"): 345, ("tpami", "synthesize_all_ages"): 351,
 }
 TRUNK = ("input_layer", "block1", "block2", "block3", "block4")

@@ -208,11 +208,12 @@ def test_joint_losses_decrease(joint_run):
     # median of the last ten 0.5x and below the first ten's).
     first, last = figures["id_loss"]
     assert last < 0.8 * first, [h["id_loss"] for h in hist]
-    # The generator's age term moves by 10-20% in 30 steps, by an amount that depends on the trajectory (0.87x
-    # with 1 thread, below 0.8x with 2), and its total holds the adversarial term (75 x LSGAN against a
-    # discriminator that learns at the same time): neither falls by construction, so both are only bounded.
-    assert max(h["gage_loss"] for h in hist) < 1.5 * math.log(4), [h["gage_loss"] for h in hist]
-    assert max(h["g_loss"] for h in hist) < 2 * hist[0]["g_loss"], [h["g_loss"] for h in hist]
+    # The generator's age term and its total (which holds the adversarial term, 75 x LSGAN against a
+    # discriminator that learns at the same time) follow a GAN trajectory whose course depends on the CPU's last
+    # bits and the thread count (the age term's peak was 1.4 on one machine and 2.8 on another): neither falls
+    # by construction, so both are bounded against the blow-up of docs/TRAINING.md (losses of 1e4 to 1e9).
+    assert max(h["gage_loss"] for h in hist) < 4 * math.log(4), [h["gage_loss"] for h in hist]
+    assert max(h["g_loss"] for h in hist) < 4 * hist[0]["g_loss"], [h["g_loss"] for h in hist]
     # the FAS half saw features of the size the AIFR half saw (running statistics kept up)
     assert max(h["x_id_eval_ratio"] for h in hist) < 10
     ckpt, _ = _params(os.path.join(joint_run["output"], "last.pt"))

@@ -289,7 +289,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     cls = CONFIGS[args.recipe]
     names = {f.name for f in dataclasses.fields(cls)}
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("recipe", "config", "func",
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("recipe", "config", "func", "debug",
                                                                               "command")}
     foreign = sorted(k for k in given if k not in names)
     if foreign:
