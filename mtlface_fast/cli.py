@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from .errors import MTLFaceError
+from .loading import add_model_arguments
 
 # Errors the command reports as one line: our argument and file checks raise these.
 KNOWN_ERRORS = (MTLFaceError, ValueError, TypeError, OSError, RuntimeError)
@@ -44,14 +45,9 @@ def _add_demo(sub):
     def populate(p):
         p.add_argument("--image", help="a photo (its largest face is aligned when the align extra is installed) "
                        "or an aligned face crop; default: scikit-image's astronaut photo")
-        p.add_argument("--weights", help="a folder written by save_pretrained, the authors' TPAMI release file "
-                       "(mtlface_checkpoints.tar), or an official CVPR backbone checkpoint")
-        p.add_argument("--generator", help="official generator checkpoint (with an official --weights)")
-        p.add_argument("--estimator", help="official estimation-network checkpoint (with an official --weights)")
-        p.add_argument("--backbone", default="ir50", help="backbone of the random model when no --weights (ir50)")
+        add_model_arguments(p)
         p.add_argument("--out", default="demo_out", help="output folder (demo_out)")
         p.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
-        p.add_argument("--seed", type=int, default=0, help="seed of the random initialization (0)")
 
     def run(args):
         from .demo import run_demo
@@ -70,12 +66,7 @@ def _add_run(sub):
     def populate(p):
         p.add_argument("photos", metavar="PHOTOS", help="folder of photos (searched recursively)")
         p.add_argument("--out", required=True, help="output folder (a rerun with it resumes)")
-        p.add_argument("--weights", help="a folder written by save_pretrained, the authors' TPAMI release file "
-                       "(mtlface_checkpoints.tar), or an official CVPR backbone checkpoint")
-        p.add_argument("--generator", help="official generator checkpoint (with an official --weights)")
-        p.add_argument("--estimator", help="official estimation-network checkpoint (with an official --weights)")
-        p.add_argument("--backbone", default="ir50", help="backbone of the random model when no --weights (ir50)")
-        p.add_argument("--seed", type=int, default=0, help="seed of the random initialization (0)")
+        add_model_arguments(p)
         p.add_argument("--device", default="cpu", help="cpu or cuda: the model and the detector (cpu)")
         p.add_argument("--batch-size", type=int, default=32, help="faces per model batch (32)")
         p.add_argument("--all-faces", action="store_true", help="every face of a photo (default: the largest)")

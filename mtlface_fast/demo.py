@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .loading import load_model
 from .preprocess import preprocess, read_image
 from .reference.heads import AGE_GROUP_THRESHOLDS, age2group
 
@@ -119,20 +120,6 @@ def save_grid(path: str, source: torch.Tensor, aged: torch.Tensor, labels, title
         draw.text((pad, top + size + pad + (1 + k) * text_h), line, fill=(160, 0, 0))
     from .checkpoint import atomic_write
     return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
-
-
-def load_model(weights: Optional[str], generator: Optional[str], estimator: Optional[str], backbone: str,
-               seed: int, model_cls=None):
-    """(model, description): a saved folder, official checkpoints, or a seeded random initialization."""
-    from .model import MTLFace
-    model_cls = model_cls or MTLFace
-    if weights is None:
-        torch.manual_seed(seed)
-        return model_cls(backbone=backbone), f"random initialization (seed {seed}); NOT a trained model"
-    if os.path.isdir(weights):
-        return model_cls.from_pretrained(weights), f"saved model {weights}"
-    return (model_cls.from_official(weights, generator_ckpt=generator, estimation_ckpt=estimator),
-            f"official checkpoint {weights}")
 
 
 def run_demo(image=None, out: str = "demo_out", weights: Optional[str] = None, generator: Optional[str] = None,

@@ -143,7 +143,8 @@ def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: 
 
     from .align import KEEP, FaceAligner, load_image
     from .checkpoint import atomic_write
-    from .demo import group_labels, load_model, save_grid
+    from .demo import group_labels, save_grid
+    from .loading import load_model
     from .preprocess import preprocess
     from .reference.heads import age2group
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..demo import group_labels
+from ..loading import add_model_arguments
 from .age import age_metrics, read_age_labels
 from .embed import DTYPES, Embedder, resolve_device
 from .identification import SPLITS, cmc_png, cosine_matrix, identification_metrics, read_identity_list, split_probe_gallery
@@ -328,12 +329,7 @@ def _bar(progress: bool, total: int, desc: str):
 
 # -- command line ---------------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--weights", help="a folder written by save_pretrained, or an official backbone checkpoint")
-    g.add_argument("--generator", help="official generator checkpoint (with an official --weights)")
-    g.add_argument("--estimator", help="official estimation-network checkpoint (with an official --weights)")
-    g.add_argument("--backbone", default="ir50", help="backbone of the random model when no --weights (ir50)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the random initialization (0)")
+    add_model_arguments(p)
     g = p.add_argument_group("verification")
     g.add_argument("--pairs", action="append", default=[], metavar="[NAME=]LIST",
                    help="pair list (repeatable): 'left right label' lines, LFW pairs.txt, CALFW format, "
@@ -388,10 +384,10 @@ def _precheck(args) -> None:
 
 
 def execute(args, log=print) -> int:
-    from ..demo import load_model
+    from ..loading import load_model_from_args
     device = resolve_device(args.device)
     _precheck(args)
-    model, source = load_model(args.weights, args.generator, args.estimator, args.backbone, args.seed)
+    model, source = load_model_from_args(args)
     if args.weights is None:
         log(f"NOTE: no --weights given; using a {source}. The numbers are meaningless for a real model.")
     model = model.to(device).eval()

@@ -20,18 +20,14 @@ TARGET_SUFFIX = {"onnx": ".onnx", "aoti": ".pt2", "tensorrt": ".engine"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..loading import add_model_arguments
     from .program import DTYPES, ENTRIES
     from .tensorrt import OP_MODES
     p.add_argument("--target", required=True, choices=sorted(TARGET_SUFFIX), help="onnx, aoti or tensorrt")
     p.add_argument("--entry", default="recognition", choices=ENTRIES,
                    help="recognition (images -> embedding, age) or synthesis (images, target_group -> image)")
     p.add_argument("--out", required=True, help="artifact path (.onnx / .pt2 / .engine)")
-    p.add_argument("--weights", help="a folder written by save_pretrained, or an official backbone checkpoint "
-                                     "(default: a seeded random model, for trying the pipeline)")
-    p.add_argument("--generator", help="official generator checkpoint (with an official --weights)")
-    p.add_argument("--estimator", help="official estimation-network checkpoint (with an official --weights)")
-    p.add_argument("--backbone", default="ir50", help="backbone of the random model when no --weights (ir50)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random model (0)")
+    add_model_arguments(p, title=None)
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT optimizes for (default: max)")
     p.add_argument("--max-batch", type=int, default=64)
@@ -72,7 +68,7 @@ def verify(model, target: str, path: str, spec) -> float:
 
 
 def execute(args) -> int:
-    from ..demo import load_model
+    from ..loading import load_model_from_args
     from . import export_aoti, export_onnx, export_tensorrt
     suffix = TARGET_SUFFIX[args.target]
     if not args.out.endswith(suffix):
@@ -80,7 +76,7 @@ def execute(args) -> int:
     if args.program and args.target != "tensorrt":
         raise ValueError("--program is for --target tensorrt")
     dtype = args.dtype or ("fp16" if args.target == "tensorrt" else "fp32")
-    model, what = load_model(args.weights, args.generator, args.estimator, args.backbone, args.seed)
+    model, what = load_model_from_args(args)
     print(f"model: {what}")
     batches = dict(min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch)
     start = time.perf_counter()
