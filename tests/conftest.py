@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 import sys
 
 # Without a GPU the Triton kernels run in the interpreter; it must be switched on before triton is imported.
@@ -44,3 +46,21 @@ def _ieee_fp32_on_cuda():
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# The C++ runner of AOTInductor packages (CMakeLists.txt, cpp/mtlface_infer.cpp), built once per session.
+@pytest.fixture(scope="session")
+def runner_binary(tmp_path_factory):
+    cmake, cxx = shutil.which("cmake"), shutil.which("c++") or shutil.which("g++")
+    if cmake is None or cxx is None:
+        pytest.skip("the C++ runner test needs cmake and a C++ compiler on PATH")
+    build = tmp_path_factory.mktemp("cpp_build")
+    prefix = torch.utils.cmake_prefix_path
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    subprocess.run([cmake, "-S", ROOT, "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release",
+                    f"-DCMAKE_PREFIX_PATH={prefix}"], check=True, capture_output=True, text=True)
+    done = subprocess.run([cmake, "--build", str(build), "--target", "mtlface_infer"], capture_output=True, text=True)
+    assert done.returncode == 0, f"building mtlface_infer failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    binary = build / "mtlface_infer"
+    assert binary.is_file()
+    return str(binary)

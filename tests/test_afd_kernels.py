@@ -150,9 +150,10 @@ def test_pool_kernel_indices_and_ties(tile, monkeypatch):
                 assert torch.equal(u, v), f"{name} {hw}"
 
 
-def test_eval_operands_cached_and_rebuilt_on_any_change():
-    """The BN-folded eval operands are built once and reused; an in-place statistic update, a replaced
-    parameter tensor or a changed epsilon rebuilds them, and they always equal a fresh build."""
+def test_eval_operands_cached_per_weights_version():
+    """The BN-folded eval operands are built once per weights version and reused: load_state_dict, .to(),
+    train()/eval(), an optimizer step and weights_changed() (for edits made by hand: an in-place statistic
+    update, a replaced tensor, a changed epsilon) rebuild them, and they always equal a fresh build."""
     _, fast = _pair("cvpr")
 
     def check_fresh(ops_):
@@ -164,20 +165,42 @@ def test_eval_operands_cached_and_rebuilt_on_any_change():
         assert fast._eval_operands(torch.float32) is first
         check_fresh(first)
         fast.channel[3].running_var.mul_(1.5)
+        assert fast._eval_operands(torch.float32) is first  # by hand: kept until announced
+        fast.weights_changed()
         second = fast._eval_operands(torch.float32)
         assert second is not first
         check_fresh(second)
         fast.spatial[0].weight.data = fast.spatial[0].weight.data * 2
+        fast.weights_changed()
         third = fast._eval_operands(torch.float32)
         assert third is not second
         check_fresh(third)
         fast.spatial[1].eps = 1e-3
+        fast.weights_changed()
         fourth = fast._eval_operands(torch.float32)
         assert fourth is not third
         check_fresh(fourth)
+        state = {k: v * 1.25 if v.is_floating_point() else v for k, v in fast.state_dict().items()}
+        fast.load_state_dict(state)
+        fifth = fast._eval_operands(torch.float32)
+        assert fifth is not fourth
+        check_fresh(fifth)
+        fast.train().eval()
+        assert fast._eval_operands(torch.float32) is not fifth
+        sixth = fast._eval_operands(torch.float32)
+        fast.to(DEVICE)
+        assert fast._eval_operands(torch.float32) is not sixth
+    seventh = fast._eval_operands(torch.float32)
+    opt = torch.optim.SGD(fast.parameters(), lr=0.5)
+    fast.channel[2].weight.grad = torch.ones_like(fast.channel[2].weight)
+    opt.step()
+    with torch.no_grad():
+        eighth = fast._eval_operands(torch.float32)
+        assert eighth is not seventh
+        check_fresh(eighth)
     # gradients wanted: built inline so that they reach the parameters
     assert fast._eval_operands(torch.float32)["w2"].requires_grad
-    with torch.inference_mode():  # a module made under inference_mode has no version counters
+    with torch.inference_mode():  # a module made under inference_mode (no version counters) caches too
         made = FusedAttentionModule(C, 16, "cvpr").to(DEVICE).eval()
         x = _x(2)
         assert all(torch.isfinite(t).all() for t in made(x))

@@ -7,7 +7,6 @@ layer (an ir50 / 112 px compile takes several minutes on two CPU cores; shapes d
 """
 import copy
 import os
-import shutil
 import subprocess
 
 import numpy as np
@@ -20,7 +19,6 @@ from mtlface_fast import MTLFace, reference
 from mtlface_fast.export import ExportSpec, example_inputs, export_aoti, load_aoti
 from tests.utils import assert_close, assert_encodes_like, check_low_precision, randomize_
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INPUT_SIZE = 32
 MAX_BATCH = 4
 # Compile the (large, straight-line) wrapper function without optimization: the kernels are unaffected.
@@ -50,23 +48,6 @@ def package(models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(package):
     return load_aoti(package[0])
-
-
-@pytest.fixture(scope="module")
-def runner_binary(tmp_path_factory):
-    cmake, cxx = shutil.which("cmake"), shutil.which("c++") or shutil.which("g++")
-    if cmake is None or cxx is None:
-        pytest.skip("the C++ runner test needs cmake and a C++ compiler on PATH")
-    build = tmp_path_factory.mktemp("cpp_build")
-    prefix = torch.utils.cmake_prefix_path
-    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    subprocess.run([cmake, "-S", ROOT, "-B", str(build), *gen, "-DCMAKE_BUILD_TYPE=Release",
-                    f"-DCMAKE_PREFIX_PATH={prefix}"], check=True, capture_output=True, text=True)
-    done = subprocess.run([cmake, "--build", str(build), "--target", "mtlface_infer"], capture_output=True, text=True)
-    assert done.returncode == 0, f"building mtlface_infer failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    binary = build / "mtlface_infer"
-    assert binary.is_file()
-    return str(binary)
 
 
 @pytest.mark.parametrize("batch", [1, 3, MAX_BATCH])

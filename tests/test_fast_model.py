@@ -95,6 +95,7 @@ def test_fold_cache_follows_weight_changes():
             m.res_layer[5].running_var.mul_(3.0)
             m.shortcut_layer[1].weight.add_(0.5)
             m.res_layer[1].weight.mul_(-1)
+        blk.weights_changed()  # edits by hand are announced (tracked events need no call)
         assert_close(blk(x), plain(x), name="after in-place change")
         blk.load_state_dict(randomize_(copy.deepcopy(plain), seed=9).state_dict())
         plain.load_state_dict(blk.state_dict())

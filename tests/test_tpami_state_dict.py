@@ -7,7 +7,6 @@ import torch
 
 import mtlface_fast
 from mtlface_fast import reference as ref
-from mtlface_fast.reference.tpami import TPAMIMTLFace
 from tests.tpami_utils import SMALL, randomize_tpami_
 
 IR50_UNITS = (3, 4, 14, 3)
@@ -144,8 +143,8 @@ def test_release_file_loads_strictly(tmp_path):
     path = tmp_path / "mtlface_checkpoints.tar"
     torch.save(state, path)
     model = mtlface_fast.reference.MTLFace.from_official(str(path))
-    assert isinstance(model, TPAMIMTLFace)
-    assert model.config == dict(arch="tpami", backbone="ir50", input_size=112, age_group=7)
+    assert type(model) is mtlface_fast.reference.MTLFace
+    assert model.config == dict(arch="tpami", backbone="ir50", input_size=112, age_group=7, afd="tpami", sigma=0.125)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
 
@@ -175,9 +174,10 @@ def test_from_official_small_round_trip_and_fast_class(small_model, tmp_path):
     state = {"module." + k: v for k, v in model.state_dict().items()}  # DDP prefixes are stripped
     torch.save(state, tmp_path / "m.tar")
     loaded = ref.MTLFace.from_official(str(tmp_path / "m.tar")).eval()
-    assert loaded.config == dict(arch="tpami", backbone="ir34", input_size=32, age_group=7)
+    assert loaded.config == dict(arch="tpami", backbone="ir34", input_size=32, age_group=7, afd="tpami", sigma=0.125)
     fast = mtlface_fast.MTLFace.from_official(str(tmp_path / "m.tar")).eval()
-    assert type(fast) is mtlface_fast.MTLFace.tpami_class() and type(fast) is not TPAMIMTLFace
+    assert type(fast) is mtlface_fast.MTLFace and fast.config["arch"] == "tpami"
+    assert isinstance(fast, ref.MTLFace) and isinstance(loaded, ref.MTLFace) and not isinstance(loaded, mtlface_fast.MTLFace)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode(x).embedding, model.encode(x).embedding, rtol=0, atol=0)
@@ -190,7 +190,7 @@ def test_save_and_from_pretrained(small_model, tmp_path):
     with open(os.path.join(path, "config.json")) as fh:
         assert json.load(fh)["arch"] == "tpami"
     loaded = ref.MTLFace.from_pretrained(path)
-    assert isinstance(loaded, TPAMIMTLFace) and loaded.config == model.config
+    assert isinstance(loaded, ref.MTLFace) and loaded.config == model.config
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
 

@@ -79,6 +79,7 @@ class ExportSpec:
     backbone: str
     afd: str
     target: str = "torch"
+    arch: str = "cvpr"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -153,7 +154,8 @@ def atomic_write_suffix(path: str, write) -> str:
 def check_model(model) -> nn.Module:
     from ..reference.model import MTLFace as ReferenceMTLFace
     if not isinstance(model, ReferenceMTLFace):
-        raise TypeError(f"model must be an mtlface_fast.MTLFace (or reference.MTLFace), got {type(model).__name__}")
+        raise TypeError(f"model must be an mtlface_fast.MTLFace (or reference.MTLFace, any architecture), "
+                        f"got {type(model).__name__}")
     return model
 
 
@@ -217,7 +219,7 @@ def export_program(model: nn.Module, entry: str = "recognition", *, min_batch: i
     cfg = model.config
     spec = ExportSpec(entry=entry, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, dtype=name,
                       device=device.type, input_size=cfg["input_size"], age_group=cfg["age_group"],
-                      backbone=cfg["backbone"], afd=cfg["afd"])
+                      backbone=cfg["backbone"], afd=cfg["afd"], arch=cfg["arch"])
     args = example_inputs(spec, device)
     if min_batch == max_batch:
         dynamic = None

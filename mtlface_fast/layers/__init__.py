@@ -1,7 +1,10 @@
 """nn.Modules over the fast ops; each subclasses its reference module so state dicts load unchanged."""
 from .afd import FusedAttentionModule
-from .icm import CompactAgingModule, CompactICM
 from .fold import fold_bn
+from .fused import FusedLayer
+from .icm import CompactAgingModule, CompactICM, CompactTPAMIAgingModule
+from .stylegan2 import FastStyledConv, FastToRGB
 from .trunk import FastBottleneckIR
 
-__all__ = ["CompactAgingModule", "CompactICM", "FastBottleneckIR", "FusedAttentionModule", "fold_bn"]
+__all__ = ["CompactAgingModule", "CompactICM", "CompactTPAMIAgingModule", "FastBottleneckIR", "FastStyledConv",
+           "FastToRGB", "FusedAttentionModule", "FusedLayer", "fold_bn"]

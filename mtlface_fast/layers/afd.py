@@ -4,7 +4,7 @@ The reference ``AttentionModule`` runs about forty small ops. The fused one, wit
 
 * eval, nothing to differentiate: ``afd_eval``, three kernels (pooling; the channel MLP's first GEMM + ReLU
   and the spatial branch; the second GEMM + sigmoid fused into the pass that writes ``x_id`` and
-  ``x_age``), with every BatchNorm folded (cached, rebuilt when a parameter or statistic changes) and the
+  ``x_age``), with every BatchNorm folded (cached per weights version, :mod:`.fused`) and the
   7x7 spatial convolution as a matrix on the map;
 * otherwise three stages: ``pool`` (one pass over ``x``: the channel-MLP input, SPP avg/max at sizes 1, 2,
   3, summed for CVPR or concatenated for TPAMI, and the spatial-branch input, max and mean over channels,
@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backend import use_triton_for
 from ..reference.afd import SPP_SIZES, AttentionModule  # noqa: F401 (SPP_SIZES: public name kept)
 from ..kernels.afd_torch import (SPP_BINS, apply_backward_torch, apply_torch, pool_backward_torch,  # noqa: F401
                                  pool_torch, stats_dtype)
 from .fold import fold_bn
+from .fused import FusedLayer
 
 MAX_PIXELS = 4096  # H*W of one feature map held by one kernel tile row (64x64)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -73,7 +73,7 @@ def _batch_norm_train(z: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     return y * bn.weight.to(z.dtype).view(shape) + bn.bias.to(z.dtype).view(shape)
 
 
-class FusedAttentionModule(AttentionModule):
+class FusedAttentionModule(FusedLayer, AttentionModule):
     """Drop-in :class:`~mtlface_fast.reference.afd.AttentionModule` (same constructor and state dict).
 
     Args:
@@ -91,10 +91,8 @@ class FusedAttentionModule(AttentionModule):
         if pooled // reduction < 1:
             raise ValueError(f"reduction {reduction} leaves no hidden unit for {pooled} pooled features")
         super().__init__(channels, reduction, variant)
-        # Eval-mode GEMM/conv operands per compute dtype, valid while the key of their source tensors holds
-        # (each source's (data_ptr, version): an in-place change bumps the version, a new tensor has a new
-        # address; the kept sources hold their storages, so that no later tensor can take such an address).
-        self._eval_key, self._eval_keep, self._eval_ops = None, (), {}
+        # Eval-mode GEMM/conv operands per (compute dtype, map size), valid for one weights version.
+        self._eval_key, self._eval_ops = None, {}
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -132,9 +130,8 @@ class FusedAttentionModule(AttentionModule):
         return ops
 
     def _fold_sources(self) -> Tuple[Tuple[torch.Tensor, ...], Tuple[float, float]]:
-        """Every tensor and the two BN epsilons that :meth:`_build_eval` reads. Runs on every eval forward,
-        so it reads the module dicts directly (Sequential indexing and nn.Module attribute lookup cost
-        microseconds each)."""
+        """Every tensor and the two BN epsilons that :meth:`_build_eval` reads (read from the module dicts
+        directly: Sequential indexing and nn.Module attribute lookup cost microseconds each)."""
         ch, sp = self._modules["channel"]._modules, self._modules["spatial"]._modules
         c3, s1 = ch["3"], sp["1"]
         p3, b3, p1, b1 = c3._parameters, c3._buffers, s1._parameters, s1._buffers
@@ -143,22 +140,15 @@ class FusedAttentionModule(AttentionModule):
                  b1["running_mean"], b1["running_var"]), (c3.eps, s1.eps))
 
     def _eval_operands(self, compute_dtype: torch.dtype, hw: Optional[Tuple[int, int]] = None):
-        """BN-folded operands in the compute dtype, cached until a parameter or statistic changes.
+        """BN-folded operands in the compute dtype, cached per weights version (:mod:`.fused`).
 
-        Built inline (differentiable, traceable) under torch.compile or when a parameter wants a gradient,
-        and on every call for parameters made under ``torch.inference_mode`` (which have no version counter).
+        Built inline (differentiable, traceable) under torch.compile or when a parameter wants a gradient.
         """
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self._grad_wanted()):
             return self._build_eval(compute_dtype, hw)
-        sources, eps = self._fold_sources()
-        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
-            return self._build_eval(compute_dtype, hw)
-        if any(t.is_inference() for t in sources):  # made under inference_mode: no version counters to key on
-            with torch.no_grad():
-                return self._build_eval(compute_dtype, hw)
-        key = (tuple((t.data_ptr(), t._version) for t in sources), sources[0].device, eps)
+        key = self.weights_version()
         if key != self._eval_key:
-            self._eval_key, self._eval_keep, self._eval_ops = key, tuple(t.detach() for t in sources), {}
+            self._eval_key, self._eval_ops = key, {}
         operands = self._eval_ops.get((compute_dtype, hw))
         if operands is None:
             with torch.no_grad():
@@ -195,7 +185,7 @@ class FusedAttentionModule(AttentionModule):
         self._check_input(x)
         concat = self.variant == "tpami"
         att_is_age = self.variant == "cvpr"
-        if use_triton_for(x):
+        if self.implementation() == "triton":
             from ..kernels import afd as ops
             if not self.training and not (torch.is_grad_enabled() and (x.requires_grad or self._grad_wanted())):
                 p = self._eval_operands(x.dtype, (int(x.shape[2]), int(x.shape[3])))

@@ -44,18 +44,19 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import use_triton_for
 from ..reference.icm import AgingModule, ICMBase
+from ..reference.tpami import TPAMIAgingModule
+from .fused import FusedLayer
 from .icm_common import (BN_STATS, IcmLayer, autocast_dtype, check_bn_stats, check_icm_inputs,  # noqa: F401
                          icm_layers, uses_batch_stats)
 from .icm_torch import compact_icm_torch, group_segments  # noqa: F401
 from .icm_triton import compact_icm_triton, forward_supported, pack_forward  # noqa: F401
 
-__all__ = ["BN_STATS", "CompactAgingModule", "CompactICM", "check_bn_stats", "check_icm_inputs",
+__all__ = ["BN_STATS", "CompactAgingModule", "CompactICM", "CompactTPAMIAgingModule", "check_bn_stats", "check_icm_inputs",
            "compact_icm_torch", "compact_icm_triton", "group_segments", "icm_layers"]
 
 
-class CompactICM:
+class CompactICM(FusedLayer):
     """Mixin for any :class:`ICMBase` subclass: replaces :meth:`icm` by the compact implementation.
 
     Use as ``class Fast(CompactICM, SomeICM)``; set ``bn_stats`` (``"reference"`` or ``"active"``) as
@@ -68,17 +69,21 @@ class CompactICM:
         self.bn_stats = check_bn_stats(bn_stats)
         return self
 
+    def choose_implementation(self) -> str:
+        p = next(self.parameters())
+        if p.dtype == torch.float64:
+            # The window-convolution kernels accumulate in fp32: fp64 takes the PyTorch twin (fp64 throughout).
+            return "torch"
+        return super().choose_implementation()
+
     def icm(self, x_id: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         groups = check_icm_inputs(self, x_id, condition)
         bn_stats = check_bn_stats(self.bn_stats)
         if x_id.size(0) == 0:
             return ICMBase.icm(self, x_id, groups)
-        if x_id.dtype == torch.float64 and not torch.compiler.is_compiling():
-            # The window-convolution kernels accumulate in fp32: fp64 takes the PyTorch twin (fp64 throughout).
-            return compact_icm_torch(self, x_id, groups, bn_stats)
-        if use_triton_for(x_id) or torch.compiler.is_compiling():
-            # Traced CPU graphs take the op path too (the ops' aten bodies): the per-group PyTorch loop
-            # needs the group counts on the host.
+        if self.implementation() == "triton" or torch.compiler.is_compiling():
+            # Traced graphs take the op path (on CPU the ops' aten bodies): the per-group PyTorch loop needs
+            # the group counts on the host.
             return compact_icm_triton(self, x_id, groups, bn_stats)
         return compact_icm_torch(self, x_id, groups, bn_stats)
 
@@ -90,3 +95,8 @@ class CompactAgingModule(CompactICM, AgingModule):
                  bn_stats: str = "reference"):
         super().__init__(age_group, repeat_num, sigma, unit_count)
         self.bn_stats = check_bn_stats(bn_stats)
+
+
+class CompactTPAMIAgingModule(CompactICM, TPAMIAgingModule):
+    """The TPAMI ICM (InstanceNorm + LeakyReLU) with the compact implementation; same arguments and state dict
+    as :class:`~mtlface_fast.reference.tpami.TPAMIAgingModule`."""

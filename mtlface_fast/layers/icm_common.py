@@ -1,5 +1,5 @@
 """What every compact-ICM path shares: argument checks, the one walk over the ICM's layers, the norm and
-activation helpers, and the weights-version cache of derived (folded, packed) parameters.
+activation helpers, and the cache of derived (folded, packed) parameters per weights version.
 
 See :mod:`mtlface_fast.layers.icm` for the compact formulation.
 """
@@ -145,40 +145,21 @@ def wants_grad(module: nn.Module, x: torch.Tensor) -> bool:
 
 
 class WeightsCache:
-    """Derived inference parameters of a module (``build(module, dtype)``), rebuilt when its weights change.
-
-    The weights version is a cheap signal: the same tensor objects (parameters and buffers, read from their
-    modules each call), the sum of their ``_version`` counters (every in-place update, optimizer steps and
-    ``load_state_dict`` included, increments one) and the sum of their storage addresses (``.to()`` /
-    ``.data =`` move them). The cache holds the tensors it was built from, so an address cannot be reused by
-    a replacement while it is cached.
-    """
+    """Derived inference parameters of a fused ICM (``build(module, dtype)``), one entry per dtype, rebuilt when
+    the module's weights version moves (:mod:`mtlface_fast.layers.fused`)."""
 
     def __init__(self, build: Callable):
         self.build, self.entries = build, {}
 
     def get(self, module: nn.Module, dtype: torch.dtype):
-        tensors = [d[n] for d, n in _tensor_slots(module)]
-        sig = (sum(t._version for t in tensors), sum(t.data_ptr() for t in tensors))
+        version = module.weights_version()
         entry = self.entries.get(dtype)
-        if entry is not None and entry[1] == sig and all(a is b for a, b in zip(entry[0], tensors)):
-            return entry[2]
+        if entry is not None and entry[0] == version:
+            return entry[1]
         with torch.no_grad():
             params = self.build(module, dtype)
-        self.entries[dtype] = (tensors, sig, params)
+        self.entries[dtype] = (version, params)
         return params
-
-
-def _tensor_slots(module: nn.Module):
-    """(dict, name) of every parameter and buffer of the module tree (read straight from the modules'
-    ``_parameters`` / ``_buffers``: no ``Module.__getattr__`` per tensor). The tree is walked once; its
-    modules are fixed after construction, as the reference's are."""
-    slots = module.__dict__.get("_icm_tensor_slots")
-    if slots is None:
-        slots = [(d, n) for m in module.modules() for d in (m._parameters, m._buffers) for n, t in d.items()
-                 if t is not None]
-        module.__dict__["_icm_tensor_slots"] = slots
-    return slots
 
 
 def module_cache(module: nn.Module, name: str, build: Callable) -> WeightsCache:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..backend import use_triton_for
 from ..reference.stylegan2 import LRELU_GAIN, StyledConv, ToRGB
 from .fold import acc_dtype
+from .fused import FusedLayer
 
 
 def fir_upsample2x(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -40,12 +41,16 @@ def fir_blur(x: torch.Tensor, kernel: torch.Tensor, pad) -> torch.Tensor:
 
 
 def noise_bias_lrelu(x: torch.Tensor, noise: torch.Tensor, strength: torch.Tensor, bias: torch.Tensor,
-                     negative_slope: float = 0.2, scale: float = LRELU_GAIN) -> torch.Tensor:
+                     negative_slope: float = 0.2, scale: float = LRELU_GAIN,
+                     use_triton: Optional[bool] = None) -> torch.Tensor:
     """``leaky_relu(x + strength * noise + bias, slope) * scale``; noise (B or 1, 1, H, W), bias (C,).
 
-    The fused Triton op when the backend switch says so (:func:`mtlface_fast.backend.use_triton_for`).
+    The fused Triton op when ``use_triton`` (a layer passes its chosen implementation; None asks the backend
+    switch, :func:`mtlface_fast.backend.use_triton_for`).
     """
-    if use_triton_for(x):
+    if use_triton is None:
+        use_triton = use_triton_for(x)
+    if use_triton:
         from ..kernels.stylegan2 import noise_bias_lrelu as fused
         return fused(x, noise, strength, bias, negative_slope, scale)
     y = x + strength * noise + bias.view(1, -1, 1, 1).to(x.dtype)
@@ -63,7 +68,7 @@ def _modulate(conv, style: torch.Tensor):
     return s, d, w
 
 
-class FastStyledConv(StyledConv):
+class FastStyledConv(FusedLayer, StyledConv):
     """Drop-in :class:`StyledConv` (same keys): activation modulation, dense conv, fused noise/bias/act."""
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -85,7 +90,8 @@ class FastStyledConv(StyledConv):
             batch, _, height, width = out.shape
             noise = out.new_empty(batch, 1, height, width).normal_()
         return noise_bias_lrelu(out, noise.to(out.dtype), self.noise.weight.to(out.dtype), self.activate.bias,
-                                self.activate.negative_slope, self.activate.scale)
+                                self.activate.negative_slope, self.activate.scale,
+                                use_triton=self.implementation() == "triton")
 
 
 class FastToRGB(ToRGB):

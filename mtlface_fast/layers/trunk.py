@@ -3,8 +3,8 @@
 * Shortcut ``MaxPool2d(1, s)`` is a strided view (``x[:, :, ::s, ::s]``; identity for s = 1) instead of
   a pooling kernel: same values, same gradients.
 * In eval mode the BN after each convolution is folded into that convolution (weight * gamma / std,
-  bias beta - mean * gamma / std). The folded weights are cached and rebuilt when any parameter or
-  statistic changes (tensor version counters); when gradients are wanted for the parameters the fold is
+  bias beta - mean * gamma / std). The folded weights are cached per weights version
+  (:mod:`mtlface_fast.layers.fused`); when gradients are wanted for the parameters the fold is
   computed inline so that gradients flow to the original parameters. The leading BN stays a per-channel
   affine: folding it into a zero-padded 3x3 convolution would be wrong at the borders.
 """
@@ -18,25 +18,21 @@ from torch import nn
 
 from ..reference.backbone import BottleneckIR
 from .fold import bn_scale_shift, fold_bn
+from .fused import FusedLayer
 
 
 class FoldCache:
-    """Memoizes a function of a module's tensors, recomputed when any of them changes."""
+    """Memoizes a function of a fused layer's weights, rebuilt when its weights version moves."""
 
     def __init__(self):
         self._key = None
         self._value = None
 
-    @staticmethod
-    def key_of(module: nn.Module):
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in
-                     list(module.parameters()) + list(module.buffers()))
-
-    def get(self, module: nn.Module, build):
-        wants_grad = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
-        if wants_grad or torch.compiler.is_compiling():
+    def get(self, module: FusedLayer, build):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and
+                                             any(p.requires_grad for p in module.parameters())):
             return build()  # differentiable / traceable: no cached tensors
-        key = self.key_of(module)
+        key = module.weights_version()
         if key != self._key:
             with torch.no_grad():
                 self._value = build()
@@ -44,13 +40,19 @@ class FoldCache:
         return self._value
 
 
-class FastBottleneckIR(BottleneckIR):
+class FastBottleneckIR(FusedLayer, BottleneckIR):
     """Drop-in :class:`BottleneckIR` (same state dict) with BN folding at inference."""
 
     def __init__(self, in_channel: int, depth: int, stride: int, se: bool = False):
         super().__init__(in_channel, depth, stride, se)
         self.stride = stride
         self._folds: Dict[Tuple[torch.dtype, torch.dtype], FoldCache] = {}
+
+    def choose_implementation(self) -> str:
+        return "torch"  # the folded unit is plain PyTorch on every backend
+
+    def describe_implementation(self) -> str:
+        return "torch (BatchNorm folded at inference)"
 
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.shortcut_layer, nn.MaxPool2d):

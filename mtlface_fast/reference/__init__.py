@@ -4,13 +4,15 @@ from .backbone import BACKBONE_UNITS, AIResNet, BottleneckIR, SEModule
 from .heads import (AGE_GROUP_THRESHOLDS, AgeEstimationModule, CosFace, GradientReverseLayer, age2group, dex_age,
                     grad_reverse)
 from .icm import AgingModule, ICMBase, PatchDiscriminator, ResidualBlock, TaskRouter, Upsample, router_windows
-from .model import EncodeResult, Features, MTLFace
-from .tpami import StyleBlock, TPAMIAgingModule, TPAMIDecoder, TPAMIEncoder, TPAMIMTLFace
+from .common import Architecture
+from .cvpr import CVPR
+from .model import ARCHITECTURES, EncodeResult, Features, MTLFace
+from .tpami import TPAMI, StyleBlock, TPAMIAgingModule, TPAMIDecoder, TPAMIEncoder
 
 __all__ = [
     "MTLFace", "EncodeResult", "Features", "AIResNet", "BottleneckIR", "SEModule", "AttentionModule", "SPPModule",
     "AgeEstimationModule", "CosFace", "GradientReverseLayer", "grad_reverse", "age2group", "dex_age", "AgingModule",
     "ICMBase", "ResidualBlock", "TaskRouter", "Upsample", "PatchDiscriminator", "router_windows", "AFD_VARIANTS",
-    "BACKBONE_UNITS", "AGE_GROUP_THRESHOLDS", "TPAMIMTLFace", "TPAMIEncoder", "TPAMIDecoder", "TPAMIAgingModule",
+    "BACKBONE_UNITS", "AGE_GROUP_THRESHOLDS", "ARCHITECTURES", "Architecture", "CVPR", "TPAMI", "TPAMIEncoder", "TPAMIDecoder", "TPAMIAgingModule",
     "StyleBlock",
 ]

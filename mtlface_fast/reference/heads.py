@@ -70,6 +70,15 @@ class AgeEstimationModule(nn.Module):
         age_logits = self.age_output_layer(x_age)
         return age_logits, self.group_output_layer(age_logits)
 
+    def expected_age(self, age_logits: torch.Tensor) -> torch.Tensor:
+        """DEX expected age (B,): with the ``expectation`` buffer when the module has one (TPAMI layout, as
+        the official ``MTLFace.encode``), else :func:`dex_age` (the same bins, 0..100)."""
+        expectation = self._buffers.get("expectation")
+        if expectation is None:
+            return dex_age(age_logits)
+        acc = torch.promote_types(age_logits.dtype, torch.float32)  # fp32 for low precision, fp64 stays fp64
+        return (F.softmax(age_logits.to(acc), dim=1) * expectation.to(acc)[None, :]).sum(dim=1)
+
 
 class CosFace(nn.Module):
     """Large-margin cosine head: s * (cos(theta) - m * onehot(label)); param ``weight`` (classes, features)."""

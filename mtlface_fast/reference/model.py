@@ -1,16 +1,19 @@
-"""The reference MTLFace: backbone (trunk + AFD + embedding), age estimator and generator in one module.
+"""The reference MTLFace: one model class for every architecture, plain eager PyTorch, the oracle.
 
-State-dict keys are the official ones under ``backbone.``, ``estimation_network.`` and ``generator.``.
+:class:`MTLFace` owns what every MTLFace does: input checks, the ``dtype=`` precision switch, NVTX ranges,
+flip test-time augmentation, the grouped synthesize-all-ages loop, and save/load. What differs between the
+architectures lives in one module each (:mod:`.cvpr`, :mod:`.tpami`): the modules they build (and so the
+state-dict keys of their releases: ``backbone.``/``estimation_network.``/``generator.`` for the CVPR code,
+``decoder.``/``encoder.``/``age_estimator.`` for the authors' TPAMI release), how the embedding is taken,
+and how one rendering pass runs. ``MTLFace(arch="tpami")`` is an ``MTLFace`` like any other.
 The CosFace head and the patch discriminator are training-only and live outside this module.
-``MTLFace(arch="tpami")`` builds the TPAMI 2022 model instead (:mod:`.tpami`: keys ``decoder.``,
-``encoder.``, ``age_estimator.`` of the authors' release), with the same public methods.
 """
 from __future__ import annotations
 
 import json
 import os
 import warnings
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, Dict, Optional, Sequence, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,89 +21,89 @@ from torch import nn
 
 from ..checkpoint import atomic_write, load_safetensors, load_state_dict_strict, load_state_file
 from ..errors import CheckpointError
+from ..nvtx import nvtx_range
+from ..precision import autocast
 from ..validation import check_images, check_target_group
-from .afd import AttentionModule, check_afd_variant
-from .backbone import BACKBONE_UNITS, AIResNet, check_backbone, check_input_size
-from .heads import AgeEstimationModule, check_age_group, dex_age
-from .icm import AgingModule, check_sigma, router_windows
+from .backbone import BACKBONE_UNITS
+from .common import Architecture, EncodeResult, Features
+from .cvpr import CVPR
+from .icm import router_windows
+from .tpami import TPAMI
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_NAME = "mtlface_fast"
-ARCHS = ("cvpr", "tpami")
+ARCHITECTURES: Dict[str, Type[Architecture]] = {a.name: a for a in (CVPR, TPAMI)}
+ARCHS = tuple(ARCHITECTURES)
 TPAMI_PREFIXES = ("encoder.", "decoder.", "age_estimator.")
 
-
-class EncodeResult(NamedTuple):
-    """What :meth:`MTLFace.encode` returns."""
-    embedding: torch.Tensor      # (B, 512) identity embedding (not normalized, as the official forward)
-    age: torch.Tensor            # (B,) DEX expected age in years, float32
-    group_logits: torch.Tensor   # (B, G)
-    x_id: torch.Tensor           # (B, 512, s, s) identity features
-    x_age: torch.Tensor          # (B, 512, s, s) age features
-    age_logits: torch.Tensor     # (B, 101)
+__all__ = ["ARCHITECTURES", "ARCHS", "EncodeResult", "Features", "MTLFace"]
 
 
-class Features(NamedTuple):
-    """Backbone outputs the generator needs (official ``return_shortcuts`` order)."""
-    x_1: torch.Tensor
-    x_2: torch.Tensor
-    x_3: torch.Tensor
-    x_4: torch.Tensor
-    x_5: torch.Tensor
-    x_id: torch.Tensor
-    x_age: torch.Tensor
+def get_architecture(arch: str) -> Type[Architecture]:
+    """The :class:`~.common.Architecture` named ``arch``, else a ValueError listing the names."""
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    return ARCHITECTURES[arch]
+
+
+def check_channels_last(channels_last) -> Optional[bool]:
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise ValueError(f"channels_last must be True, False or None (CUDA only), got {channels_last!r}")
+    return channels_last
+
+
+def check_groups_per_call(groups_per_call: Optional[int]) -> Optional[int]:
+    if groups_per_call is not None and (isinstance(groups_per_call, bool) or not isinstance(groups_per_call, int)
+                                        or groups_per_call < 1):
+        raise ValueError(f"groups_per_call must be a positive int, got {groups_per_call!r}")
+    return groups_per_call
+
+
+def check_flip(flip) -> bool:
+    if not isinstance(flip, bool):
+        raise TypeError(f"flip must be True or False, got {flip!r}")
+    return flip
 
 
 class MTLFace(nn.Module):
-    """MTLFace (CVPR 2021): age-invariant face recognition + face age synthesis.
+    """MTLFace: age-invariant face recognition + face age synthesis, for every architecture.
 
     Args:
         backbone: ``ir34``, ``ir50`` (default), ``ir64``, ``ir101`` or ``irse101``.
         input_size: square input side in pixels, a multiple of 16 (112 in every official model).
         age_group: number of age groups, 4..8 (official 7).
-        afd: AFD variant, ``"cvpr"`` (default) or ``"tpami"``.
-        sigma: fraction of an age group's ICM channels shared with the next group, in (0, 1]
-            (official CVPR code: 0.1; the paper's default: 1/8).
-        attention_layer, generator_layer, block_layer: module classes to build ``backbone.fsm``,
-            ``generator`` and the backbone's residual units with (the fast model injects its fused layers
-            here; the state dict is unchanged).
-        arch: ``"cvpr"`` (this class) or ``"tpami"``: ``MTLFace(arch="tpami", backbone=..., input_size=...,
-            age_group=..., **layers)`` returns the TPAMI model (:meth:`tpami_class`), which takes no
-            ``afd``/``sigma`` (both are fixed by that architecture).
+        afd: AFD variant; ``"cvpr"`` (default) or ``"tpami"`` for the CVPR architecture; fixed for TPAMI.
+        sigma: fraction of an age group's ICM channels shared with the next group, in (0, 1] (CVPR
+            architecture; official code 0.1, the paper's default 1/8); fixed at 1/8 for TPAMI.
+        arch: ``"cvpr"`` (the CVPR 2021 code) or ``"tpami"`` (the authors' TPAMI 2022 release).
+        channels_last: run the convolutions in channels_last (True), NCHW (False, the reference's default),
+            or channels_last on CUDA tensors only (None).
+        **layers: layer classes the architecture builds with (fast implementations inject theirs; the state
+            dict is unchanged): see :class:`~.cvpr.CVPR` and :class:`~.tpami.TPAMI`.
+
+    What both architectures share is here; ``self.architecture`` (:mod:`.cvpr`, :mod:`.tpami`) says how they
+    differ. ``backbone`` is the recognition network (trunk, ``fsm``, ``output_layer``) and
+    ``estimation_network`` the age head, whatever their state-dict names.
     """
 
-    @classmethod
-    def tpami_class(cls):
-        """The class ``MTLFace(arch="tpami")`` builds (the fast model returns its own)."""
-        from .tpami import TPAMIMTLFace
-        return TPAMIMTLFace
+    #: eval-mode flip TTA runs both views as one batch of 2B (one trunk pass); the reference runs two passes.
+    flip_in_one_batch: bool = False
 
-    def __new__(cls, *args, arch: str = "cvpr", **kwargs):
-        if arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-        if arch == "tpami":
-            # Not an instance of cls, so Python does not call cls.__init__ on it afterwards.
-            return cls.tpami_class()(*args, **kwargs)
-        return super().__new__(cls)
-
-    def __init__(self, backbone: str = "ir50", input_size: int = 112, age_group: int = 7, afd: str = "cvpr",
-                 sigma: float = 0.1, *, arch: str = "cvpr", attention_layer: Optional[Callable[..., nn.Module]] = None,
-                 generator_layer: Optional[Callable[..., nn.Module]] = None,
-                 block_layer: Optional[Callable[..., nn.Module]] = None):
+    def __init__(self, backbone: str = "ir50", input_size: int = 112, age_group: int = 7,
+                 afd: Optional[str] = None, sigma: Optional[float] = None, *, arch: str = "cvpr",
+                 channels_last: Optional[bool] = False, **layers):
         super().__init__()
-        check_backbone(backbone)
-        input_size, age_group = check_input_size(input_size), check_age_group(age_group)
-        check_afd_variant(afd)
-        sigma = check_sigma(sigma)
-        self.config: Dict[str, Any] = dict(arch="cvpr", backbone=backbone, input_size=input_size, age_group=age_group,
-                                           afd=afd, sigma=float(sigma))
-        self.backbone = AIResNet(input_size, backbone, afd, attention_layer=attention_layer or AttentionModule,
-                                 block_layer=block_layer)
-        self.estimation_network = AgeEstimationModule(input_size, age_group)
-        self.generator = (generator_layer or AgingModule)(age_group, 4, sigma)
+        architecture = get_architecture(arch)
+        self.config: Dict[str, Any] = architecture.configure(backbone, input_size, age_group, afd, sigma)
+        self.channels_last = check_channels_last(channels_last)
+        architecture.build(self, self.config, {k: v for k, v in layers.items() if v is not None})
 
-    # -- properties ------------------------------------------------------------------------------
+    # -- what the architecture decides ---------------------------------------------------------------
+    @property
+    def architecture(self) -> Type[Architecture]:
+        return ARCHITECTURES[self.config["arch"]]
+
     @property
     def input_size(self) -> int:
         return self.config["input_size"]
@@ -109,54 +112,161 @@ class MTLFace(nn.Module):
     def age_group(self) -> int:
         return self.config["age_group"]
 
-    def _param(self) -> torch.Tensor:
-        return next(self.parameters())
+    @property
+    def backbone(self) -> nn.Module:
+        """The recognition network (``trunk``, ``fsm``, ``output_layer``): ``backbone`` (CVPR), ``encoder`` (TPAMI)."""
+        return self._modules[self.architecture.recognition]
 
-    def _check(self, images: torch.Tensor) -> torch.Tensor:
-        p = self._param()
+    @property
+    def estimation_network(self) -> nn.Module:
+        """The age head: ``estimation_network`` (CVPR), ``age_estimator`` (TPAMI)."""
+        return self._modules[self.architecture.estimator]
+
+    # -- shared plumbing -----------------------------------------------------------------------------
+    def check_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` checked against the model: (B, 3, S, S), floating, on the model's device and dtype."""
+        p = next(self.parameters())
         return check_images(images, input_size=self.input_size, device=p.device, dtype=p.dtype)
+
+    def precision(self, images, dtype=None):
+        """The context a public call runs under for its ``dtype=`` argument: autocast to bf16/fp16 (a torch
+        dtype or ``"bf16"``/``"fp16"``), nothing for None or fp32 (fp32 weights stay fp32)."""
+        device = images.device if isinstance(images, torch.Tensor) else next(self.parameters()).device
+        return autocast(device, dtype)
+
+    def _layout(self, images: torch.Tensor) -> torch.Tensor:
+        channels_last = images.is_cuda if self.channels_last is None else self.channels_last
+        return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+    def _features(self, images: torch.Tensor) -> Features:
+        net = self.backbone
+        with nvtx_range("backbone"):
+            x_1, x_2, x_3, x_4, x_5 = net.trunk(self._layout(images))
+        with nvtx_range("afd"):
+            x_id, x_age = net.fsm(x_5)
+        # The heads flatten x_id / x_age (and dropout draws its mask in memory order): NCHW for them.
+        return Features(x_1, x_2, x_3, x_4, x_5, x_id.contiguous(), x_age.contiguous())
+
+    def _heads(self, f: Features):
+        with nvtx_range("heads"):
+            embedding = self.architecture.embed(self, f.x_id)
+            age_logits, group_logits = self.estimation_network(f.x_age)
+        return embedding, age_logits, group_logits
+
+    def _check_noise(self, noise, generator) -> None:
+        if not self.architecture.noise and not (isinstance(noise, str) and noise == "stored" and generator is None):
+            raise ValueError(f"the {self.config['arch']} architecture renders without generator noise: "
+                             f"noise= and generator= do not apply")
 
     # -- recognition ---------------------------------------------------------------------------------
     def features(self, images: torch.Tensor) -> Features:
         """Trunk + AFD: the seven tensors of the official ``return_shortcuts`` forward."""
-        images = self._check(images)
-        x_1, x_2, x_3, x_4, x_5 = self.backbone.trunk(images)
-        x_id, x_age = self.backbone.fsm(x_5)
-        return Features(x_1, x_2, x_3, x_4, x_5, x_id, x_age)
+        return self._features(self.check_images(images))
 
-    def encode(self, images: torch.Tensor) -> EncodeResult:
-        """Identity embedding, expected age and group logits (and the decomposed features)."""
-        f = self.features(images)
-        embedding = self.backbone.output_layer(f.x_id)
-        age_logits, group_logits = self.estimation_network(f.x_age)
-        return EncodeResult(embedding, dex_age(age_logits), group_logits, f.x_id, f.x_age, age_logits)
+    def forward(self, images: torch.Tensor, *, dtype=None) -> torch.Tensor:
+        """(B, 3, H, W) normalized images -> (B, 512) identity embedding (one pass, no flip; TPAMI:
+        L2-normalized, CVPR: not normalized, as the official forwards)."""
+        with self.precision(images, dtype):
+            f = self.features(images)
+            with nvtx_range("heads"):
+                return self.architecture.embed(self, f.x_id)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalized images -> (B, 512) identity embedding."""
-        f = self.features(images)
-        return self.backbone.output_layer(f.x_id)
+    def encode(self, images: torch.Tensor, flip: Optional[bool] = None, *, dtype=None) -> EncodeResult:
+        """Identity embedding, expected age and group logits (and the decomposed features).
 
-    # -- synthesis ----------------------------------------------------------------------------------
-    def _generate(self, images: torch.Tensor, f: Features, groups: torch.Tensor) -> torch.Tensor:
-        return self.generator(images, f.x_1, f.x_2, f.x_3, f.x_4, f.x_5, f.x_id, f.x_age, groups)
+        Args:
+            images: (B, 3, S, S) normalized images.
+            flip: horizontal-flip test-time augmentation: the image and its mirror are both encoded;
+                embedding = normalize(normalize(v) + normalize(v_flipped)), age and group logits their means;
+                ``x_id``, ``x_age`` and ``age_logits`` are the unflipped image's. Default: the architecture's
+                (TPAMI: on, as the release's ``encode``; CVPR: off).
+            dtype: run under autocast to bf16/fp16 (None/fp32: the model's dtype).
+        """
+        flip = self.architecture.default_flip if flip is None else check_flip(flip)
+        with self.precision(images, dtype):
+            images = self.check_images(images)
+            B = images.size(0)
+            if flip and self.flip_in_one_batch and not self.training:
+                f = self._features(torch.cat([images, torch.flip(images, dims=(3,))], dim=0))
+                emb, age_logits, group_logits = self._heads(f)
+                age = self.estimation_network.expected_age(age_logits)
+                return self._flip_result(emb[:B], emb[B:], age[:B], age[B:], group_logits[:B], group_logits[B:],
+                                         f.x_id[:B], f.x_age[:B], age_logits[:B])
+            f = self._features(images)
+            emb, age_logits, group_logits = self._heads(f)
+            age = self.estimation_network.expected_age(age_logits)
+            if not flip:
+                return EncodeResult(emb, age, group_logits, f.x_id, f.x_age, age_logits)
+            f2 = self._features(torch.flip(images, dims=(3,)))
+            emb2, age_logits2, group_logits2 = self._heads(f2)
+            age2 = self.estimation_network.expected_age(age_logits2)
+            return self._flip_result(emb, emb2, age, age2, group_logits, group_logits2, f.x_id, f.x_age, age_logits)
 
-    def synthesize(self, images: torch.Tensor, target_group) -> torch.Tensor:
-        """Re-render each face at ``target_group`` (int, or LongTensor (B,)): (B, 3, H, W)."""
-        f = self.features(images)
-        groups = check_target_group(target_group, batch=images.size(0), age_group=self.age_group,
-                                    device=images.device)
-        return self._generate(images, f, groups)
+    def _flip_result(self, emb, emb2, age, age2, group_logits, group_logits2, x_id, x_age, age_logits):
+        if not self.architecture.normalized_embedding:
+            emb, emb2 = F.normalize(emb, dim=1), F.normalize(emb2, dim=1)
+        return EncodeResult(F.normalize(emb + emb2, dim=1), (age + age2) * 0.5, (group_logits + group_logits2) * 0.5,
+                            x_id, x_age, age_logits)
 
-    def synthesize_all_ages(self, images: torch.Tensor) -> torch.Tensor:
-        """Every age group for every face, encoder run once: (B, G, 3, H, W)."""
-        f = self.features(images)
-        outs = []
-        for g in range(self.age_group):
-            groups = torch.full((images.size(0),), g, dtype=torch.long, device=images.device)
-            outs.append(self._generate(images, f, groups))
-        return torch.stack(outs, dim=1)
+    # -- synthesis -----------------------------------------------------------------------------------
+    def make_noise(self, batch: int, noise: Union[str, Sequence[torch.Tensor]] = "stored",
+                   generator: Optional[torch.Generator] = None):
+        """Per-layer generator noise for ``batch`` samples (architectures with a noisy generator: TPAMI).
 
-    # -- checkpoints -------------------------------------------------------------------------------
+        ``"stored"``: the checkpoint's fixed maps (deterministic, broadcast over the batch); ``"random"``:
+        fresh N(0, 1) maps per sample, drawn from ``generator`` when given (reproducible), else from the global
+        RNG inside the layers (the official behaviour); or an explicit list, one map per layer.
+        """
+        if not self.architecture.noise:
+            raise ValueError(f"the {self.config['arch']} architecture renders without generator noise")
+        return self.architecture.make_noise(self, batch, noise, generator)
+
+    def synthesize(self, images: torch.Tensor, target_group, *, noise: Union[str, Sequence[torch.Tensor]] = "stored",
+                   generator: Optional[torch.Generator] = None, dtype=None) -> torch.Tensor:
+        """Re-render each face at ``target_group`` (int, or integer tensor (B,)): (B, 3, H, W).
+
+        ``noise``/``generator``: the generator noise of architectures that have one (TPAMI; see
+        :meth:`make_noise`); the CVPR generator is deterministic. ``dtype``: as in :meth:`encode`.
+        """
+        with self.precision(images, dtype):
+            images = self.check_images(images)
+            f = self._features(images)
+            groups = check_target_group(target_group, batch=images.size(0), age_group=self.age_group,
+                                        device=images.device)
+            self._check_noise(noise, generator)
+            arch = self.architecture
+            return arch.render(self, images, f, arch.synthesis_context(self, f), groups, 1, noise, generator)
+
+    def synthesize_all_ages(self, images: torch.Tensor, *, noise: Union[str, Sequence[torch.Tensor]] = "stored",
+                            generator: Optional[torch.Generator] = None, dtype=None,
+                            groups_per_call: Optional[int] = None) -> torch.Tensor:
+        """Every age group for every face, encoder and shared synthesis work run once: (B, G, 3, H, W).
+
+        ``groups_per_call`` groups render as one batch (default: all of them on CUDA in eval mode, where one
+        B*G batch keeps the GPU busy; one at a time otherwise: B*G-sized activations of the 112 px decoder
+        thrash CPU caches, and training-mode normalization must see each group's batch alone). With
+        ``noise="random"`` and a ``generator`` each group gets its own draw, in group order, whatever
+        ``groups_per_call``.
+        """
+        groups_per_call = check_groups_per_call(groups_per_call)
+        with self.precision(images, dtype):
+            images = self.check_images(images)
+            self._check_noise(noise, generator)
+            B, G = images.size(0), self.age_group
+            if groups_per_call is None:
+                groups_per_call = G if images.is_cuda and not self.training else 1
+            arch = self.architecture
+            f = self._features(images)
+            context = arch.synthesis_context(self, f)
+            outs = []
+            for g0 in range(0, G, groups_per_call):
+                n = min(groups_per_call, G - g0)
+                groups = torch.arange(g0, g0 + n, device=images.device).repeat(B)  # sample-major rows
+                out = arch.render(self, images, f, context, groups, n, noise, generator)
+                outs.append(out.view(B, n, *out.shape[1:]))
+            return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    # -- checkpoints ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str) -> str:
         """Write ``config.json`` and ``model.safetensors`` into the folder ``path`` (atomically)."""
         return save_pretrained(self, path)

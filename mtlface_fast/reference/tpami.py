@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..validation import check_images, check_target_group
+from ..nvtx import nvtx_range
 from .afd import AttentionModule
 from .backbone import AIResNet, check_backbone, check_input_size
+from .common import Architecture, Features, repeat_rows
 from .heads import AgeEstimationModule, check_age_group
 from .icm import ICMBase, Upsample
 from .stylegan2 import Generator
@@ -169,116 +170,73 @@ class TPAMIDecoder(nn.Module):
         return F.interpolate(images, size=self.input_size, mode="bilinear", align_corners=True)
 
 
-class TPAMIMTLFace(nn.Module):
-    """MTLFace (TPAMI 2022): recognition, age estimation and StyleGAN2-based age synthesis.
+class TPAMI(Architecture):
+    """``MTLFace(arch="tpami")``, the authors' release. Layer arguments: ``attention_layer`` (the AFD),
+    ``block_layer`` (trunk units), ``icm_layer`` (the ICMs, ``cls(in_channels, age_group, repeat_num)``),
+    ``styled_conv_layer`` and ``to_rgb_layer`` (the StyleGAN2 layers)."""
 
-    Built by ``MTLFace(arch="tpami")`` (or :meth:`MTLFace.from_official` on the release file).
+    name = "tpami"
+    recognition = "encoder"
+    estimator = "age_estimator"
+    default_flip = True
+    normalized_embedding = True
+    layer_names = ("attention_layer", "block_layer", "icm_layer", "styled_conv_layer", "to_rgb_layer")
+    noise = True
 
-    Args:
-        backbone: trunk variant (``ir50`` in the release).
-        input_size: square input side, a multiple of 16 (112 in the release).
-        age_group: number of age groups (7 in the release).
-        attention_layer, block_layer, icm_layer: layer classes for the encoder (see :class:`TPAMIEncoder`).
-        generator_kwargs: extra keyword arguments of the StyleGAN2 :class:`Generator` (layer classes).
-    """
+    @classmethod
+    def configure(cls, backbone: str, input_size: int, age_group: int, afd: Optional[str],
+                  sigma: Optional[float]) -> Dict[str, Any]:
+        if afd not in (None, "tpami"):
+            raise ValueError(f"the tpami architecture has the 'tpami' AFD (leave afd unset), got afd={afd!r}")
+        if sigma is not None and sigma != TPAMI_SIGMA:
+            raise ValueError(f"the tpami architecture fixes sigma at 1/8 (leave sigma unset), got sigma={sigma!r}")
+        return dict(arch=cls.name, backbone=check_backbone(backbone), input_size=check_input_size(input_size),
+                    age_group=check_age_group(age_group), afd="tpami", sigma=TPAMI_SIGMA)
 
-    arch = "tpami"
-
-    def __init__(self, backbone: str = "ir50", input_size: int = 112, age_group: int = 7, *,
-                 attention_layer: Optional[Callable[..., nn.Module]] = None,
-                 block_layer: Optional[Callable[..., nn.Module]] = None,
-                 icm_layer: Optional[Callable[..., nn.Module]] = None,
-                 generator_kwargs: Optional[Dict[str, Any]] = None):
-        super().__init__()
-        check_backbone(backbone)
-        input_size, age_group = check_input_size(input_size), check_age_group(age_group)
-        self.config: Dict[str, Any] = dict(arch="tpami", backbone=backbone, input_size=input_size,
-                                           age_group=age_group)
+    @classmethod
+    def build(cls, model, config: Dict[str, Any], layers: Dict[str, Any]) -> None:
+        cls.check_layers(layers)
+        size, groups = config["input_size"], config["age_group"]
+        gen_layers = {k: layers[k] for k in ("styled_conv_layer", "to_rgb_layer") if layers.get(k) is not None}
         # Registration order = the release's key order: decoder, encoder, age_estimator.
-        self.decoder = TPAMIDecoder(input_size, generator_kwargs=generator_kwargs)
-        self.encoder = TPAMIEncoder(input_size, age_group, backbone, attention_layer=attention_layer,
-                                    block_layer=block_layer, icm_layer=icm_layer)
-        self.age_estimator = AgeEstimationModule(input_size, age_group, expectation_buffer=True)
+        model.decoder = TPAMIDecoder(size, generator_kwargs=gen_layers)
+        model.encoder = TPAMIEncoder(size, groups, config["backbone"], attention_layer=layers.get("attention_layer"),
+                                     block_layer=layers.get("block_layer"), icm_layer=layers.get("icm_layer"))
+        model.age_estimator = AgeEstimationModule(size, groups, expectation_buffer=True)
 
-    # -- properties ------------------------------------------------------------------------------
-    @property
-    def input_size(self) -> int:
-        return self.config["input_size"]
+    @classmethod
+    def embed(cls, model, x_id: torch.Tensor) -> torch.Tensor:
+        return model.encoder.embed(x_id)
 
-    @property
-    def age_group(self) -> int:
-        return self.config["age_group"]
+    @classmethod
+    def synthesis_context(cls, model, f: Features) -> torch.Tensor:
+        return model.encoder.unconditioned_latents(f.x_id)  # latents 0..2 do not depend on the target age
 
-    @property
-    def backbone(self) -> nn.Module:
-        """The recognition network (trunk, ``fsm``, ``output_layer``), named as in the CVPR model."""
-        return self.encoder
+    @classmethod
+    def render(cls, model, images: torch.Tensor, f: Features, context: torch.Tensor, groups: torch.Tensor,
+               repeats: int, noise, generator: Optional[torch.Generator]) -> torch.Tensor:
+        def rep(t):
+            return repeat_rows(t, repeats)
 
-    @property
-    def estimation_network(self) -> nn.Module:
-        """The age estimator, named as in the CVPR model."""
-        return self.age_estimator
+        with nvtx_range("icm"):
+            cond = model.encoder.conditioned_latents(rep(f.x_2), rep(f.x_3), rep(f.x_4), rep(f.x_id), groups)
+        latents = torch.cat([rep(context), cond], dim=1)
+        batch = f.x_id.size(0)
+        if isinstance(noise, str) and noise == "random" and generator is not None:
+            # One draw per repeat (target group), in order, rows b * repeats + r: the reference's draws.
+            draws = [cls.make_noise(model, batch, noise, generator) for _ in range(repeats)]
+            layer_noise = [torch.stack(maps, dim=1).flatten(0, 1) for maps in zip(*draws)]
+        else:  # stored maps (broadcast), explicit maps (repeated), or global-RNG draws inside the layers (None)
+            layer_noise = [t if t is None or t.size(0) == 1 else rep(t)
+                           for t in cls.make_noise(model, batch, noise, generator)]
+        with nvtx_range("decoder"):
+            return model.decoder(latents, noise=layer_noise).clamp(-1.0, 1.0)
 
-    def _check(self, images: torch.Tensor) -> torch.Tensor:
-        p = next(self.parameters())
-        return check_images(images, input_size=self.input_size, device=p.device, dtype=p.dtype)
-
-    def save_pretrained(self, path: str) -> str:
-        """Write ``config.json`` and ``model.safetensors`` into ``path``; ``MTLFace.from_pretrained`` reads it."""
-        from .model import save_pretrained
-        return save_pretrained(self, path)
-
-    # -- recognition ---------------------------------------------------------------------------------
-    def features(self, images: torch.Tensor):
-        """Trunk + AFD: (x_1, x_2, x_3, x_4, x_5, x_id, x_age) as :class:`Features` (c1 = x_2, c2 = x_3, c3 = x_4)."""
-        from .model import Features
-        images = self._check(images)
-        x_1, x_2, x_3, x_4, x_5 = self.encoder.trunk(images)
-        x_id, x_age = self.encoder.fsm(x_5)
-        return Features(x_1, x_2, x_3, x_4, x_5, x_id, x_age)
-
-    def expected_age(self, age_logits: torch.Tensor) -> torch.Tensor:
-        """DEX expected age with the ``expectation`` buffer, (B, 101) -> (B,)."""
-        acc = torch.promote_types(age_logits.dtype, torch.float32)  # fp32 for low precision, fp64 stays fp64
-        return (F.softmax(age_logits.to(acc), dim=1) * self.age_estimator.expectation.to(acc)[None, :]).sum(dim=1)
-
-    def _single(self, images: torch.Tensor):
-        f = self.features(images)
-        embedding = self.encoder.embed(f.x_id)
-        age_logits, group_logits = self.age_estimator(f.x_age)
-        return f, embedding, age_logits, group_logits
-
-    def encode(self, images: torch.Tensor, flip: bool = True):
-        """Normalized identity embedding and expected age, as the official ``MTLFace.encode``.
-
-        With ``flip`` (default, as official) the image and its mirror are both encoded: embedding =
-        normalize(v + v_flipped), age and group logits = the means. ``x_id``, ``x_age`` and
-        ``age_logits`` of the result are those of the unflipped image.
-        """
-        from .model import EncodeResult
-        f, vec, age_logits, group_logits = self._single(images)
-        age = self.expected_age(age_logits)
-        if flip:
-            _, vec2, age_logits2, group_logits2 = self._single(torch.flip(images, dims=(3,)))
-            vec = F.normalize(vec + vec2, dim=1)
-            age = (age + self.expected_age(age_logits2)) * 0.5
-            group_logits = (group_logits + group_logits2) * 0.5
-        return EncodeResult(vec, age, group_logits, f.x_id, f.x_age, age_logits)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalized images -> (B, 512) L2-normalized embedding (single pass, no flip)."""
-        return self.encoder.embed(self.features(images).x_id)
-
-    # -- synthesis ----------------------------------------------------------------------------------
-    def make_noise(self, batch: int, noise: Union[str, Sequence[torch.Tensor]] = "stored",
+    @classmethod
+    def make_noise(cls, model, batch: int, noise: Union[str, Sequence[torch.Tensor]] = "stored",
                    generator: Optional[torch.Generator] = None) -> List[Optional[torch.Tensor]]:
-        """Per-layer generator noise for ``batch`` samples.
-
-        ``"stored"``: the checkpoint's fixed maps (deterministic, broadcast over the batch);
-        ``"random"``: fresh N(0, 1) maps per sample, drawn from ``generator`` when given (reproducible),
-        else from the global RNG inside the layers (the official behaviour); or an explicit list.
-        """
-        gen = self.decoder.decoder
+        """Per-layer generator noise for ``batch`` samples; see :meth:`MTLFace.make_noise`."""
+        gen = model.decoder.decoder
         if isinstance(noise, str):
             if noise not in NOISE_MODES:
                 raise ValueError(f"noise must be one of {NOISE_MODES} or a list of tensors, got {noise!r}")
@@ -296,32 +254,3 @@ class TPAMIMTLFace(nn.Module):
         if len(noise) != gen.num_layers:
             raise ValueError(f"noise must hold {gen.num_layers} tensors, got {len(noise)}")
         return noise
-
-    def _latents_to_images(self, latents: torch.Tensor, noise) -> torch.Tensor:
-        return self.decoder(latents, noise=noise).clamp(-1.0, 1.0)
-
-    def synthesize(self, images: torch.Tensor, target_group, *, noise: Union[str, Sequence[torch.Tensor]] = "stored",
-                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Re-render each face at ``target_group`` (int, or LongTensor (B,)): (B, 3, H, W) in [-1, 1]."""
-        f = self.features(images)
-        groups = check_target_group(target_group, batch=images.size(0), age_group=self.age_group,
-                                    device=images.device)
-        latents = self.encoder.get_conditions(f.x_2, f.x_3, f.x_4, f.x_id, groups)
-        return self._latents_to_images(latents, self.make_noise(images.size(0), noise, generator))
-
-    def synthesize_all_ages(self, images: torch.Tensor, *, noise: Union[str, Sequence[torch.Tensor]] = "stored",
-                            generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Every age group for every face: (B, G, 3, H, W). Encoder and unconditioned latents run once.
-
-        With ``noise="random"`` each group gets its own draw, in group order.
-        """
-        f = self.features(images)
-        B = images.size(0)
-        base = self.encoder.unconditioned_latents(f.x_id)
-        outs = []
-        for g in range(self.age_group):
-            groups = torch.full((B,), g, dtype=torch.long, device=images.device)
-            cond = self.encoder.conditioned_latents(f.x_2, f.x_3, f.x_4, f.x_id, groups)
-            latents = torch.cat([base, cond], dim=1)
-            outs.append(self._latents_to_images(latents, self.make_noise(B, noise, generator)))
-        return torch.stack(outs, dim=1)

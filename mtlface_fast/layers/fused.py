@@ -1,0 +1,84 @@
+"""What every fused layer shares: the implementation it runs, chosen once, and the weights version its caches
+of derived weights (folded BatchNorm, packed ICM groups, the AFD spatial matrix) hang on.
+
+* Implementation: :meth:`FusedLayer.implementation` asks :func:`mtlface_fast.backend.choose` for the layer's
+  device the first time it is needed after the layer was built, moved (``.to()``, ``.cuda()``, ``.half()``),
+  switched between train and eval, or after the backend changed (:func:`mtlface_fast.backend.token`); a call
+  reads the stored answer.
+* Weights version: :meth:`FusedLayer.weights_version` is a small tuple that moves on ``load_state_dict``,
+  ``.to()``, ``train()``/``eval()``, every ``torch.optim`` optimizer step (a global step hook) and
+  :meth:`FusedLayer.weights_changed`. Caches compare it, never a key over every tensor. A change made by
+  hand (an in-place edit of a parameter or statistic, ``param.data = ...``, a changed ``eps``) is announced
+  with ``model.weights_changed()`` (or the layer's); until then the layer may serve the weights it cached.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .. import backend
+
+_steps = 0          # optimizer steps seen since import (any optimizer)
+_watching = False
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    global _steps
+    _steps += 1
+
+
+def watch_optimizers() -> None:
+    """Register the global optimizer step hook once (torch.optim's public registry)."""
+    global _watching
+    if not _watching:
+        register_optimizer_step_post_hook(_count_step)
+        _watching = True
+
+
+class FusedLayer:
+    """Mixin for a fast layer (put it first in the bases of an ``nn.Module`` subclass)."""
+
+    def weights_version(self) -> Tuple[int, int]:
+        return self.__dict__.get("_fused_version", 0), _steps
+
+    def weights_changed(self) -> None:
+        """Announce a change of this layer's weights that no tracked event made (see the module doc)."""
+        d = self.__dict__
+        d["_fused_version"] = d.get("_fused_version", 0) + 1
+        d["_fused_impl"] = None
+
+    def implementation(self) -> str:
+        """``"triton"`` or ``"torch"``: what runs this layer's fused ops (chosen once, see the module doc)."""
+        d = self.__dict__
+        tok = backend.token()
+        impl = d.get("_fused_impl")
+        if impl is None or d.get("_fused_token") != tok:
+            watch_optimizers()
+            impl = d["_fused_impl"] = self.choose_implementation()
+            d["_fused_token"] = tok
+        return impl
+
+    def choose_implementation(self) -> str:
+        p = next(self.parameters(), None)
+        return backend.choose(p.device if p is not None else torch.device("cpu"))
+
+    def describe_implementation(self) -> str:
+        """One line for :meth:`MTLFace.implementations`: what runs this layer."""
+        return self.implementation()
+
+    # -- the tracked events ------------------------------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self.weights_changed()
+        return out
+
+    def train(self, mode: bool = True):
+        out = super().train(mode)
+        self.weights_changed()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.weights_changed()
