@@ -31,7 +31,6 @@ on 2 idle cores; ``--batch 8 --iters 5`` gives steadier figures in several times
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import resource
 import sys
@@ -41,18 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from .benchmark import RESULTS_DIR, environment, results_path, time_interleaved, write_results
+from .precision import DTYPES, autocast
 
 TASKS = ("encode", "synthesize", "synthesize_all", "train_step")
 VARIANTS = ("reference", "reference_autocast", "reference_compile", "reference_x7", "ours", "ours_compile",
             "ours_cudagraphs", "ours_tensorrt")
 CPU_DEFAULT_VARIANTS = ("reference", "reference_x7", "ours")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _autocast(device: str, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def _aifr_step_fn(model, head, da_head, optimizer, x, ids, ages, amp_dtype, device):
@@ -67,7 +60,7 @@ def _aifr_step_fn(model, head, da_head, optimizer, x, ids, ages, amp_dtype, devi
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             f = model.features(x)
             emb = model.backbone.output_layer(f.x_id)
         loss = (F.cross_entropy(head(emb.float(), ids), ids) + 0.001 * age_loss(model.estimation_network,
@@ -114,7 +107,7 @@ def build_cases(task: str, variant: str, models: Dict[str, torch.nn.Module], x: 
         fn = torch.compile(fn, mode="reduce-overhead")
 
     def run():
-        with torch.inference_mode(), _autocast(device, amp):
+        with torch.inference_mode(), autocast(device, amp):
             return fn(x)
     return run
 

@@ -22,8 +22,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..precision import DTYPES, dtype_name  # noqa: F401  (re-exported for the export modules)
+
 ENTRIES = ("recognition", "synthesis")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 INPUT_NAMES = {"recognition": ("images",), "synthesis": ("images", "target_group")}
 OUTPUT_NAMES = {"recognition": ("embedding", "age"), "synthesis": ("image",)}
 SPEC_KEY = "mtlface_fast.export_spec"
@@ -53,16 +54,6 @@ class Synthesis(nn.Module):
 
 
 WRAPPERS = {"recognition": Recognition, "synthesis": Synthesis}
-
-
-def dtype_name(dtype) -> str:
-    """``"fp32"``/``"fp16"``/``"bf16"`` for a torch dtype or one of those names, else a ValueError."""
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return dtype
-    for name, value in DTYPES.items():
-        if dtype == value:
-            return name
-    raise ValueError(f"dtype must be one of {sorted(DTYPES)} or the torch dtype, got {dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True)

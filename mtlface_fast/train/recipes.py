@@ -34,16 +34,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import autocast
 from ..reference.heads import AgeEstimationModule, CosFace, age2group, dex_age, grad_reverse
 from ..reference.icm import PatchDiscriminator
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-def autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+def amp_dtype(amp: str) -> Optional[str]:
+    """The :func:`~mtlface_fast.precision.autocast` dtype of a ``--amp`` mode: None for ``none``."""
+    return None if amp == "none" else amp
 
 
 def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
@@ -144,7 +142,7 @@ class AIFRNet(nn.Module):
         self.age_weight, self.da_weight, self.grl_coeff, self.amp = age_weight, da_weight, grl_coeff, amp
 
     def forward(self, images, labels, ages):
-        with autocast(images.device, self.amp):
+        with autocast(images.device, amp_dtype(self.amp)):
             f = self.model.features(images)
             embedding = self.backbone.output_layer(f.x_id)
         # Official: only the backbone runs under autocast; its outputs go to the heads in fp32.
@@ -286,9 +284,9 @@ class FASRecipe:
         for j, mb in enumerate(micros):
             ctx.seed_shard(step, ctx.rank + ctx.world * j)
             src, t = mb["image"], mb["target_group"]
-            with torch.no_grad(), autocast(ctx.device, cfg.amp):
+            with torch.no_grad(), autocast(ctx.device, amp_dtype(cfg.amp)):
                 f = model.features(src)
-            with autocast(ctx.device, cfg.amp):
+            with autocast(ctx.device, amp_dtype(cfg.amp)):
                 fake = model._generate(src, f, t).float()
                 logits = self._discriminate(torch.cat([mb["target_image"], fake.detach()]), torch.cat([t, t]), j)
                 real_logits, fake_logits = logits.chunk(2)
@@ -304,7 +302,7 @@ class FASRecipe:
         with frozen(self.discriminator, model.backbone, model.estimation_network):
             for j, (mb, (f, fake)) in enumerate(zip(micros, cache)):
                 src, t = mb["image"], mb["target_group"]
-                with autocast(ctx.device, cfg.amp):
+                with autocast(ctx.device, amp_dtype(cfg.amp)):
                     gan = 0.5 * lsgan_loss(self._discriminate(fake, t, j), 1.0)
                     gf = model.features(fake)
                     id_l = F.mse_loss(gf.x_id.float(), f.x_id.float())
