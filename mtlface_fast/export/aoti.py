@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from .program import SPEC_KEY, ExportSpec, atomic_write_suffix, decompose, dtype_name, export_program
+from ..checkpoint import atomic_write
+from .program import SPEC_KEY, ExportSpec, decompose, dtype_name, export_program
 
 MIN_TORCH = (2, 6)
 
@@ -81,8 +82,8 @@ def export_aoti(model, path: str, entry: str = "recognition", *, min_batch: int 
     ep = decompose(ep, keep_triton_ops=device.type == "cuda", what=f"the AOTInductor {device.type} package")
     configs = dict(inductor_configs or {})
     configs["aot_inductor.metadata"] = {**configs.get("aot_inductor.metadata", {}), **_metadata(spec)}
-    atomic_write_suffix(path, lambda tmp: inductor.aoti_compile_and_package(ep, package_path=tmp,
-                                                                             inductor_configs=configs))
+    atomic_write(path, lambda tmp: inductor.aoti_compile_and_package(ep, package_path=tmp, inductor_configs=configs),
+                 keep_suffix=True)
     return spec
 
 

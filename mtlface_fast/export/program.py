@@ -121,26 +121,6 @@ class ExportSpec:
                                  f"[{int(group.min())}, {int(group.max())}]")
 
 
-def atomic_write_suffix(path: str, write) -> str:
-    """``write(tmp)`` to a temporary file beside ``path`` with the same suffix (writers that check it, such as
-    ``torch.export.save`` and AOTInductor for ``.pt2``), then rename it over ``path``."""
-    import os
-    import tempfile
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    stem, suffix = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def check_model(model) -> nn.Module:
     from ..reference.model import MTLFace as ReferenceMTLFace
     if not isinstance(model, ReferenceMTLFace):

@@ -29,7 +29,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..checkpoint import atomic_write
-from .program import (DTYPES, EXPORT_ATEN_DECOMPOSITIONS, ExportSpec, atomic_write_suffix, decompose, dtype_name,
+from .program import (DTYPES, EXPORT_ATEN_DECOMPOSITIONS, ExportSpec, decompose, dtype_name,
                       example_inputs, export_program, foreign_ops)
 
 INSTALL_HINT = ('pip install "mtlface-fast[trt]" -- torch-tensorrt of the same minor version as torch '
@@ -154,7 +154,8 @@ def export_tensorrt(model, path: str, entry: str = "recognition", *, min_batch: 
         sample = list(example_inputs(spec, "cuda"))
         save = torch_tensorrt.save
         kw = {"arg_inputs": sample} if "arg_inputs" in inspect.signature(save).parameters else {"inputs": sample}
-        atomic_write_suffix(program_path, lambda tmp: save(compiled, tmp, output_format="exported_program", **kw))
+        atomic_write(program_path, lambda tmp: save(compiled, tmp, output_format="exported_program", **kw),
+                     keep_suffix=True)
         _write_spec(os.fspath(program_path), spec)
     return spec
 
