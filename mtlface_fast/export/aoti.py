@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ..checkpoint import atomic_write
+from ..errors import MissingDependencyError, UsageError
 from .program import SPEC_KEY, ExportSpec, decompose, dtype_name, export_program
 
 MIN_TORCH = (2, 6)
@@ -34,8 +35,9 @@ def _inductor():
     import torch._inductor as inductor
     if _torch_version() < MIN_TORCH or not hasattr(inductor, "aoti_compile_and_package") \
             or not hasattr(inductor, "aoti_load_package"):
-        raise RuntimeError(f"AOTInductor packages need torch >= {'.'.join(map(str, MIN_TORCH))} "
-                           f"(aoti_compile_and_package / aoti_load_package); this is torch {torch.__version__}")
+        raise MissingDependencyError(f"AOTInductor packages need torch >= {'.'.join(map(str, MIN_TORCH))} "
+                                     f"(aoti_compile_and_package / aoti_load_package); this is torch "
+                                     f"{torch.__version__}")
     return inductor
 
 
@@ -75,7 +77,7 @@ def export_aoti(model, path: str, entry: str = "recognition", *, min_batch: int 
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device cuda was requested but CUDA is not available")
+        raise UsageError("device cuda was requested but CUDA is not available; use device='cpu'")
     ep, spec = export_program(model, entry, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                               dtype=name, device=device)
     spec = spec.replace(target="aoti")

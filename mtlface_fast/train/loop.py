@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import load_state_dict_strict
+from ..errors import TrainingDivergedError
 from .config import TrainConfig
 from .data import FaceDataset, FaceList, StepSampler, balance_weights, load_image, make_loader, read_list_file
 from .recipes import AIFRRecipe, FASRecipe, JointRecipe, StepContext
@@ -296,8 +297,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             if cfg.amp != "fp16":  # fp16: the gradient scaler skips overflowing steps
                 for key in ("loss", "d_loss", "g_loss"):
                     if key in logs and not math.isfinite(logs[key]):
-                        raise RuntimeError(f"step {step}: {key} is {logs[key]} (lower the learning rate, or use "
-                                           f"--clip-grad)")
+                        raise TrainingDivergedError(f"step {step}: {key} is {logs[key]} (lower the learning rate, "
+                                                    f"or use --clip-grad)")
             if main:
                 history.append(dict(step=step, **logs))
             logger.log(step, logs)
