@@ -120,6 +120,14 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter], world: int) -> None:
             offset += n
 
 
+def shard_seeder(seed: int) -> Callable[[int, int], None]:
+    """``seed_shard(step, shard)``: seeds torch's RNG (dropout) for one micro-batch of one step, from the run's
+    seed, so a step is the same whatever the number of processes and wherever a run resumes."""
+    def seed_shard(step: int, shard: int) -> None:
+        torch.manual_seed(((int(seed) * 1_000_003 + int(step)) * 10_007 + int(shard)) % (2 ** 63 - 1))
+    return seed_shard
+
+
 class StepContext:
     """What a recipe step needs from the loop: device, precision, process group, per-shard seeding."""
 
@@ -162,7 +170,9 @@ def _split(batch: Dict[str, torch.Tensor], parts: int) -> List[Dict[str, torch.T
 
 
 class AIFRRecipe:
-    """One SGD step of the AIFR objective over ``grad_accum`` micro-batches."""
+    """One SGD step of the AIFR objective over ``grad_accum`` micro-batches: :meth:`step` (forward, losses,
+    backward, optimizer and schedule step) is what the training loop runs and what ``mtlface-fast bench``
+    times as ``train_step``."""
 
     def __init__(self, model: nn.Module, num_classes: int, cfg, ctx: StepContext):
         self.model, self.cfg, self.ctx = model, cfg, ctx
@@ -361,3 +371,21 @@ class JointRecipe:
                           f"identity and age losses are computed on amplified features. Lower --lr, keep the "
                           f"warm-up (--warmup-steps) or start from an AIFR model (--init)")
         return logs
+
+
+def build_recipe(cfg, model: nn.Module, num_classes: int, device: torch.device, world: int = 1, rank: int = 0,
+                 convert: Optional[Callable[[nn.Module], None]] = None):
+    """The recipe ``cfg.recipe`` names (``aifr`` and ``finetune``: :class:`AIFRRecipe`, ``fas``, ``joint``) over
+    ``model``, as the training loop runs it: its step context from ``cfg`` (``amp``, ``clip_grad``, per-shard
+    seeding from ``seed``) and its heads initialized from ``cfg.seed + 1``, the same on every process and
+    independent of the model's initialization. ``convert`` is applied to the recipe's own modules (``--sync-bn``)."""
+    if cfg.recipe not in ("aifr", "finetune", "fas", "joint"):
+        raise ValueError(f"recipe must be one of aifr, fas, joint, finetune, got {cfg.recipe!r}")
+    ctx = StepContext(torch.device(device), cfg.amp, world, rank, cfg.clip_grad, shard_seeder(cfg.seed),
+                      convert=convert)
+    torch.manual_seed(cfg.seed + 1)
+    if cfg.recipe == "fas":
+        return FASRecipe(model, cfg, ctx)
+    if cfg.recipe == "joint":
+        return JointRecipe(model, num_classes, cfg, ctx)
+    return AIFRRecipe(model, num_classes, cfg, ctx)
