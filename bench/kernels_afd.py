@@ -22,9 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mtlface_fast.benchmark import environment, time_fn  # noqa: E402
 from mtlface_fast.layers import FusedAttentionModule  # noqa: E402
+from mtlface_fast.precision import DTYPES  # noqa: E402
 from mtlface_fast.reference.afd import AttentionModule  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,9 +29,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mtlface_fast import use_backend  # noqa: E402
 from mtlface_fast.benchmark import environment, time_fn  # noqa: E402
 from mtlface_fast.layers.icm import CompactICM  # noqa: E402
+from mtlface_fast.precision import DTYPES, autocast  # noqa: E402
 from mtlface_fast.reference.icm import ICMBase  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ICM_DTYPES = ("fp32", "bf16")
 
 
 class CompactICMBase(CompactICM, ICMBase):
@@ -81,7 +82,7 @@ def _modules(args, device):
 
 
 def _step_fn(fn, x, g, w, mode, dtype, device, params):
-    amp = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    amp = autocast(device, dtype)
     if mode == "fwd":
         def run():
             with torch.no_grad(), amp:
@@ -113,7 +114,7 @@ def _cpu_time(fn, warmup: int, iters: int) -> float:
 
 def _graphed(fast, x, g, dtype, device):
     """Replay of the Triton eval forward captured in a CUDA graph (static x and g)."""
-    amp = torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32)
+    amp = autocast("cuda", dtype)
 
     def call():
         with use_backend("triton"), torch.no_grad(), amp:
@@ -155,7 +156,7 @@ def _check_outputs(variants, ref, args, device, B):
             for name, fn in variants.items():
                 for dname in args.dtypes:
                     dt = DTYPES[dname]
-                    with torch.autocast(device.split(":")[0], dtype=dt, enabled=dt != torch.float32):
+                    with autocast(device, dt):
                         errs[f"{name}/{dname}"] = _max_rel(fn(x, g).float(), expected)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
@@ -200,6 +201,9 @@ def run(args) -> dict:
     cuda = device.startswith("cuda")
     batches = [int(b) for b in (args.batch or ("1,8,64,256" if cuda else "1,8")).split(",")]
     args.dtypes = [d for d in args.dtype.split(",") if d]
+    bad = [d for d in args.dtypes if d not in ICM_DTYPES]
+    if bad:
+        raise ValueError(f"--dtype entries must be among {list(ICM_DTYPES)}, got {bad}")
     modes = [m for m in args.mode.split(",") if m]
     names = (args.variants or ("ref,ref_compile,torch,triton,triton_graph" if cuda else "ref,torch")).split(",")
     iters = args.iters or (50 if cuda else 5)

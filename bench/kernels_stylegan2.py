@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 
 from common import environment, time_fn
+from mtlface_fast.precision import DTYPES, autocast
 
 # (in, out, resolution of the output, upsample) of the TPAMI generator's StyledConvs (128 px, multiplier 2)
 SHAPES = [(512, 512, 8, True), (512, 512, 32, False), (512, 512, 64, True), (512, 256, 128, True),
           (256, 256, 128, False)]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(p):
@@ -39,9 +39,6 @@ def run(args):
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     iters = args.iters if args.iters is not None else (20 if cuda else 3)
     dtype = DTYPES[args.dtype]
-
-    def autocast():
-        return torch.autocast(device_type="cuda" if cuda else "cpu", dtype=dtype, enabled=dtype != torch.float32)
 
     results = []
     for cin, cout, res, up in SHAPES:
@@ -69,7 +66,7 @@ def run(args):
         row = dict(cin=cin, cout=cout, resolution=res, upsample=up, batch=batch)
         for name, fn in cases.items():
             backend = "triton" if name.endswith("triton") else "torch"
-            with torch.inference_mode(), autocast(), use_backend(backend):
+            with torch.inference_mode(), autocast(args.device, dtype), use_backend(backend):
                 stats = time_fn(fn, args.device, warmup=warmup, iters=iters)
             row[name] = stats
         for name in cases:

@@ -15,7 +15,6 @@ kernel could still win.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -26,13 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mtlface_fast.benchmark import environment, time_fn  # noqa: E402
 from mtlface_fast.layers import FastBottleneckIR  # noqa: E402
+from mtlface_fast.precision import DTYPES, autocast  # noqa: E402
 from mtlface_fast.reference.backbone import BottleneckIR  # noqa: E402
 
 # (in_channels, depth, stride, input side) of a non-first unit of each stage at 112x112 input, plus the
 # first (strided, projecting) unit of stage 3.
 SHAPES = {"stage1": (64, 64, 1, 56), "stage2": (128, 128, 1, 28), "stage3": (256, 256, 1, 14),
           "stage4": (512, 512, 1, 7), "stage3_first": (128, 256, 2, 28)}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(p):
@@ -85,8 +84,7 @@ def run(args) -> dict:
             dtype = DTYPES[dname]
             for batch in batches:
                 x = torch.randn(batch, cin, side, side, device=device).contiguous(memory_format=torch.channels_last)
-                amp = (torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-                       if dtype != torch.float32 else contextlib.nullcontext())
+                amp = autocast(device, dtype)
                 with torch.no_grad():
                     p = fast._build()
                 fns = {

@@ -79,12 +79,21 @@ def check_finite_state(state: Mapping[str, torch.Tensor], what: str = "checkpoin
                               f"{', '.join(bad[:10])}{more}")
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> str:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``."""
+def atomic_write(path: str, write: Callable[[str], None], keep_suffix: bool = False) -> str:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``; on any
+    error the temporary file is removed and ``path`` is left as it was.
+
+    ``keep_suffix=True`` gives the temporary file ``path``'s suffix (``.x.pt2`` -> ``.x.<random>.pt2``), for
+    writers that check it (``torch.export.save`` and AOTInductor for ``.pt2``); otherwise it ends in ``.tmp``.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    if keep_suffix:
+        stem, suffix = os.path.splitext(os.path.basename(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=suffix, dir=folder)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         write(tmp)

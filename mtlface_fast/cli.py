@@ -2,8 +2,10 @@
 
 Parsing is light: a subcommand's options (and the torch-importing module that defines them) are loaded only
 when that subcommand is parsed, so ``mtlface-fast --help`` does not import torch. Known errors (bad
-arguments, unreadable files, a checkpoint that does not fit) print one line and exit with code 2;
-``--debug`` shows the traceback instead.
+arguments, unreadable files, a checkpoint that does not fit, a missing optional package: ``MTLFaceError`` and
+its subclasses, ``ValueError``, ``TypeError``, ``OSError``) print one line and exit with code 2; ``--debug``
+shows the traceback instead. Any other error (a ``RuntimeError`` of torch, CUDA or Triton) prints its
+traceback and exits with code 1.
 """
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ import sys
 from .errors import MTLFaceError
 from .loading import add_model_arguments
 
-# Errors the command reports as one line: our argument and file checks raise these.
-KNOWN_ERRORS = (MTLFaceError, ValueError, TypeError, OSError, RuntimeError)
+# Errors the command reports as one line: the package's own errors, and the ValueError/TypeError of argument
+# checks and OSError of files. Any other error (a RuntimeError of torch, CUDA or Triton) is printed with its
+# traceback and exits with code 1.
+KNOWN_ERRORS = (MTLFaceError, ValueError, TypeError, OSError)
 
 
 class _LazyParser(argparse.ArgumentParser):
@@ -79,13 +83,9 @@ def _add_run(sub):
 
     def run(args):
         from .folder import run_folder
-        from .mtcnn import AlignExtraMissing
-        try:
-            run_folder(args.photos, args.out, args.weights, args.generator, args.estimator, args.backbone,
-                       args.seed, args.device, args.batch_size, "all" if args.all_faces else "largest",
-                       args.synthesize, args.detector, args.min_face_size, progress=not args.no_progress)
-        except AlignExtraMissing as exc:
-            raise RuntimeError(str(exc)) from exc
+        run_folder(args.photos, args.out, args.weights, args.generator, args.estimator, args.backbone,
+                   args.seed, args.device, args.batch_size, "all" if args.all_faces else "largest",
+                   args.synthesize, args.detector, args.min_face_size, progress=not args.no_progress)
         return 0
 
     p = sub.add_parser("run", help="every photo of a folder: aligned faces, embeddings, ages, age grids (align extra)",
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         message = " ".join(str(exc).split()) or type(exc).__name__
-        if not isinstance(exc, (MTLFaceError, ValueError, TypeError)):  # name the kind: OSError, RuntimeError, ...
+        if not isinstance(exc, (MTLFaceError, ValueError, TypeError)):  # name the kind: FileNotFoundError, ...
             message = f"{type(exc).__name__}: {message}"
         print(f"mtlface-fast {args.command}: error: {message} (--debug for the traceback)", file=sys.stderr)
         return 2

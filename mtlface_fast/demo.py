@@ -29,8 +29,9 @@ def default_face() -> Image.Image:
     try:
         from skimage import data
     except ImportError as exc:  # pragma: no cover - scikit-image is a dependency
-        raise RuntimeError("the default demo image comes from scikit-image: pip install scikit-image, "
-                           "or pass --image PATH") from exc
+        from .errors import MissingDependencyError
+        raise MissingDependencyError("the default demo image comes from scikit-image: pip install scikit-image, "
+                                     "or pass --image PATH") from exc
     return Image.fromarray(data.astronaut()).crop(ASTRONAUT_FACE_BOX)
 
 

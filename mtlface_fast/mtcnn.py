@@ -31,11 +31,13 @@ import torch
 from torch import nn
 from torch.nn.functional import interpolate
 
+from .errors import MissingDependencyError
+
 EXTRA_HINT = 'pip install "mtlface-fast[align]" (facenet-pytorch>=2.5.3,!=2.6.*)'
 DETECTORS = ("auto", "facenet", "torch")
 
 
-class AlignExtraMissing(ImportError):
+class AlignExtraMissing(MissingDependencyError, ImportError):
     """facenet-pytorch (the ``align`` extra) is not installed or is a version that does not fit."""
 
 
@@ -412,8 +414,8 @@ def load_mtcnn(detector: str = "auto", device=None, min_face_size: int = 20, thr
     if detector == "auto":
         detector = "facenet" if torchvision_error() is None else "torch"
     elif detector == "facenet" and torchvision_error() is not None:
-        raise RuntimeError(f"detector 'facenet' needs torchvision, which cannot be imported here "
-                           f"({torchvision_error()}); use detector='torch'")
+        raise MissingDependencyError(f"detector 'facenet' needs torchvision, which cannot be imported here "
+                                     f"({torchvision_error()}); use detector='torch'")
     cls = FacenetMTCNN if detector == "facenet" else TorchMTCNN
     if cpu_threads is not None and (isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int)
                                     or cpu_threads < 1):

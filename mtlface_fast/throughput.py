@@ -1,8 +1,8 @@
 """Whole-model throughput: ``python bench/throughput.py`` / ``mtlface-fast bench``.
 
 Tasks: ``encode`` (embedding + age), ``synthesize`` (one target group), ``synthesize_all`` (every group)
-and ``train_step`` (one AIFR SGD step: CosFace + age + GRL domain-adaptation losses). Variants, all in
-one process on the same weights and inputs:
+and ``train_step`` (one step of the training loop's AIFR recipe: CosFace + age + GRL domain-adaptation
+losses, SGD with the recipe's defaults). Variants, all in one process on the same weights and inputs:
 
 * ``reference``           -- the reference model, eager, fp32
 * ``reference_autocast``  -- the reference under ``torch.autocast`` (``--dtype``)
@@ -31,51 +31,47 @@ on 2 idle cores; ``--batch 8 --iters 5`` gives steadier figures in several times
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import resource
 import sys
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
 
 from .benchmark import RESULTS_DIR, environment, results_path, time_interleaved, write_results
+from .precision import DTYPES, autocast, dtype_name
 
 TASKS = ("encode", "synthesize", "synthesize_all", "train_step")
 VARIANTS = ("reference", "reference_autocast", "reference_compile", "reference_x7", "ours", "ours_compile",
             "ours_cudagraphs", "ours_tensorrt")
 CPU_DEFAULT_VARIANTS = ("reference", "reference_x7", "ours")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TRAIN_CLASSES = 1000  # identities of train_step's CosFace head
 
 
-def _autocast(device: str, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+def train_batch(x: torch.Tensor, num_classes: int = TRAIN_CLASSES, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """The training batch of ``train_step`` for images ``x``: identity labels in ``[0, num_classes)`` and ages
+    in years in ``[5, 85)``, drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (x.size(0),), generator=g)
+    ages = torch.rand(x.size(0), generator=g) * 80 + 5
+    return dict(image=x, label=labels.to(x.device), age=ages.to(x.device))
 
 
-def _aifr_step_fn(model, head, da_head, optimizer, x, ids, ages, amp_dtype, device):
-    """One AIFR step as the official recipe: id + 0.001 age + 0.002 domain-adaptation loss, SGD."""
-    from .reference.heads import age2group, dex_age, grad_reverse
+def train_step_case(model, x: torch.Tensor, dtype: torch.dtype, device: str):
+    """``train_step``: the training loop's own AIFR step (``mtlface_fast.train.recipes``: the recipe that
+    ``mtlface-fast train aifr`` builds with its defaults, ``dtype`` as ``--amp``) on ``model`` and :func:`train_batch`
+    of ``x``. Each call is one step of the loop: forward, losses, backward, SGD and schedule step, and the
+    logged values (read to the host, as the loop does)."""
+    import itertools
 
-    groups = age2group(ages, model.age_group)
-
-    def age_loss(net, feat):
-        logits, group_logits = net(feat)
-        return F.mse_loss(dex_age(logits), ages) + F.cross_entropy(group_logits.float(), groups)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, amp_dtype):
-            f = model.features(x)
-            emb = model.backbone.output_layer(f.x_id)
-        loss = (F.cross_entropy(head(emb.float(), ids), ids) + 0.001 * age_loss(model.estimation_network,
-                f.x_age.float()) + 0.002 * age_loss(da_head, grad_reverse(f.x_id.float())))
-        loss.backward()
-        optimizer.step()
-        return loss
-    return step
+    from .train.config import AIFRConfig
+    from .train.recipes import build_recipe
+    amp = "none" if dtype == torch.float32 else dtype_name(dtype)
+    cfg = AIFRConfig(input_size=model.input_size, age_group=model.age_group, amp=amp)
+    recipe = build_recipe(cfg, model, TRAIN_CLASSES, torch.device(device))
+    batch = train_batch(x)
+    steps = itertools.count()
+    return lambda: recipe.step(batch, next(steps))
 
 
 def build_cases(task: str, variant: str, models: Dict[str, torch.nn.Module], x: torch.Tensor, dtype: torch.dtype,
@@ -86,17 +82,7 @@ def build_cases(task: str, variant: str, models: Dict[str, torch.nn.Module], x: 
     amp = dtype if variant not in ("reference",) else torch.float32
     target = torch.arange(x.size(0), device=x.device) % age_group
     if task == "train_step":
-        from .reference.heads import AgeEstimationModule, CosFace
-        torch.manual_seed(0)
-        head = CosFace(512, 1000).to(device)
-        da = AgeEstimationModule(model.input_size, age_group).to(device)
-        params = list(model.backbone.parameters()) + list(model.estimation_network.parameters()) + \
-            list(head.parameters()) + list(da.parameters())
-        opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-        ids = torch.randint(0, 1000, (x.size(0),), device=device)
-        ages = torch.rand(x.size(0), device=device) * 80 + 5
-        model.train()
-        return _aifr_step_fn(model, head, da, opt, x, ids, ages, amp, device)
+        return train_step_case(model, x, amp, device)
     model.eval()
     if variant == "ours_tensorrt":
         return _tensorrt_case(task, model, x, dtype, target)
@@ -114,7 +100,7 @@ def build_cases(task: str, variant: str, models: Dict[str, torch.nn.Module], x: 
         fn = torch.compile(fn, mode="reduce-overhead")
 
     def run():
-        with torch.inference_mode(), _autocast(device, amp):
+        with torch.inference_mode(), autocast(device, amp):
             return fn(x)
     return run
 

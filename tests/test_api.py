@@ -187,6 +187,33 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     assert os.stat(target).st_mode & 0o777 == 0o666 & ~umask  # the mode of a plain open(), not owner-only
 
 
+@pytest.mark.parametrize("keep_suffix", [False, True])
+def test_atomic_write_temporary_name(tmp_path, keep_suffix):
+    """The writer sees a hidden temporary file beside the target, ending in the target's suffix on request."""
+    from mtlface_fast.checkpoint import atomic_write
+
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp)
+        open(tmp, "w").write("x")
+
+    target = tmp_path / "sub" / "model.pt2"
+    assert atomic_write(target, write, keep_suffix=keep_suffix) == str(target)
+    name = os.path.basename(seen[0])
+    assert os.path.dirname(seen[0]) == str(tmp_path / "sub") and name.startswith(".model")
+    assert name.endswith(".pt2" if keep_suffix else ".tmp") and name != "model.pt2"
+    assert os.listdir(tmp_path / "sub") == ["model.pt2"] and open(target).read() == "x"
+
+    def broken(tmp):
+        open(tmp, "w").write("partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, broken, keep_suffix=keep_suffix)
+    assert os.listdir(tmp_path / "sub") == ["model.pt2"] and open(target).read() == "x"
+
+
 # -- preprocess ---------------------------------------------------------------------------------------------------
 def test_preprocess_inputs_agree(tmp_path):
     rng = np.random.default_rng(0)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mtlface_fast import MTLFace
+from mtlface_fast.errors import MissingDependencyError
 from mtlface_fast.export import (decompose, example_inputs, export_program, export_tensorrt, foreign_ops,
                                  load_engine, load_tensorrt_program, tensorrt_available)
 from mtlface_fast.export.tensorrt import INSTALL_HINT
@@ -38,7 +39,7 @@ def test_tensorrt_graph_is_aten_only_in_requested_dtype(dtype=torch.float16):
 def test_tensorrt_missing_gives_install_hint(tmp_path):
     model = MTLFace(backbone="ir34")
     assert "torch-tensorrt" in TRT_REASON or "GPU" in TRT_REASON
-    with pytest.raises(RuntimeError, match="the TensorRT target is unavailable"):
+    with pytest.raises(MissingDependencyError, match="the TensorRT target is unavailable"):
         export_tensorrt(model, str(tmp_path / "m.engine"))
     if "torch_tensorrt" in TRT_REASON:
         assert INSTALL_HINT in TRT_REASON

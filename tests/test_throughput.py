@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from mtlface_fast import benchmark, throughput
 
@@ -116,3 +117,42 @@ def test_train_step_is_skipped_at_batch_1_and_error_rows_do_not_break_the_plot(t
     assert "train_step at batch 1" in payload["settings"]["skipped_variants"]
     payload["results"].append(dict(task="encode", batch=1, variant="reference", error="ValueError: x"))
     assert throughput.plot(payload, str(tmp_path / "p.png")).endswith("p.png")
+
+
+@pytest.mark.parametrize("arch", ["cvpr", "tpami"])
+def test_train_step_is_the_training_loops_step(arch):
+    """The timed train_step is the training loop's AIFR step: from the same weights and batch, two benchmark
+    steps and two steps of the recipe that ``mtlface-fast train aifr`` builds give the same losses and weights.
+    The loop trains the CVPR model (build_model); the recipe runs the TPAMI model's recognition networks alike."""
+    import copy
+
+    from mtlface_fast import MTLFace
+    from mtlface_fast.train.config import make_config
+    from mtlface_fast.train.loop import build_model
+    from mtlface_fast.train.recipes import build_recipe
+
+    cfg = make_config("aifr", dict(data="unused.txt", backbone="ir34", input_size=32, age_group=4))
+    if arch == "cvpr":
+        model = build_model(cfg)
+    else:
+        torch.manual_seed(0)
+        model = MTLFace(backbone="ir34", input_size=32, age_group=4, arch="tpami")
+    timed = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+
+    step = throughput.build_cases("train_step", "ours", {"ours": timed}, x, torch.float32, "cpu", 4)
+    bench_logs = [step() for _ in range(2)]
+    recipe = build_recipe(cfg, model, throughput.TRAIN_CLASSES, torch.device("cpu"))
+    batch = throughput.train_batch(x)
+    loop_logs = [recipe.step(batch, s) for s in range(2)]
+
+    for b, l in zip(bench_logs, loop_logs):
+        assert set(b) == set(l) and {"loss", "id_loss", "age_loss", "da_loss", "lr"} <= set(b), (b, l)
+        assert all(b[k] == l[k] for k in b), (b, l)
+    assert bench_logs[1]["loss"] != bench_logs[0]["loss"]  # the first step moved the weights
+    moved = 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(timed.state_dict()[k], v), k
+        moved += not torch.equal(v, before[k])
+    assert moved > 50, moved

@@ -274,8 +274,7 @@ def test_fas_adversarial_training(data, joint_run, tmp_path):
 
 def test_joint_warns_when_running_statistics_lag(data, tmp_path):
     # the ratio that triggers the warning, on a model whose running statistics are far from the batch's
-    from mtlface_fast.train.loop import shard_seeder
-    from mtlface_fast.train.recipes import JointRecipe, StepContext
+    from mtlface_fast.train.recipes import JointRecipe, StepContext, shard_seeder
     from mtlface_fast.train.data import FaceDataset, collate, read_list_file
     cfg = make_config("joint", dict(GAN, data=data, batch_size=2, lr=1e-3, warmup_steps=0))
     model = build_model(cfg)

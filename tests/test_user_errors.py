@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw
 
 import mtlface_fast
 from mtlface_fast import demo, validation
-from mtlface_fast.errors import CheckpointError
+from mtlface_fast.errors import (CheckpointError, MissingDependencyError, MTLFaceError, TrainingDivergedError,
+                                 UsageError)
 from tests.utils import randomize_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -274,6 +275,46 @@ def test_cli_known_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
         for debug in (["--debug"] + argv, argv + ["--debug"]):  # --debug before or after the subcommand
             with pytest.raises((ValueError, OSError)):
                 main(debug + ["--out", str(tmp_path / "out"), "--backbone", "ir34"])
+
+
+@pytest.mark.parametrize("error", [MissingDependencyError("the demo needs frobnicate: pip install frobnicate"),
+                                   UsageError("--frob must be positive, got -1"),
+                                   TrainingDivergedError("step 3: loss is nan (lower the learning rate)")])
+def test_cli_package_errors_are_one_line_with_exit_code_2(monkeypatch, capsys, tmp_path, error):
+    from mtlface_fast.cli import main
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(demo, "run_demo", fail)
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mtlface-fast demo: error: {error} (--debug for the traceback)", err
+    with pytest.raises(type(error)):
+        main(["demo", "--out", str(tmp_path), "--debug"])
+
+
+def test_cli_runtime_errors_print_their_traceback_and_cause_with_exit_code_1(tmp_path):
+    # A RuntimeError that is not the package's own (torch, CUDA, Triton) is a failure to investigate: the
+    # command must not shorten it to one line.
+    code = ("import sys\nfrom mtlface_fast import demo\nfrom mtlface_fast.cli import main\n"
+            "def fail(*args, **kwargs):\n"
+            "    try:\n        raise ValueError('the inner cause')\n"
+            "    except ValueError as exc:\n        raise RuntimeError('boom') from exc\n"
+            f"demo.run_demo = fail\nsys.exit(main(['demo', '--out', {str(tmp_path)!r}]))\n")
+    out = _run(code)
+    assert out.returncode == 1, (out.returncode, out.stderr)
+    assert "Traceback (most recent call last)" in out.stderr and "RuntimeError: boom" in out.stderr, out.stderr
+    assert "ValueError: the inner cause" in out.stderr and "direct cause" in out.stderr, out.stderr
+    assert "error: boom" not in out.stderr and "--debug for the traceback" not in out.stderr, out.stderr
+
+
+def test_package_errors_are_also_the_builtins_callers_catch():
+    from mtlface_fast.mtcnn import AlignExtraMissing
+    for cls, builtin in ((CheckpointError, ValueError), (UsageError, ValueError), (MissingDependencyError, RuntimeError),
+                         (TrainingDivergedError, RuntimeError), (AlignExtraMissing, ImportError),
+                         (AlignExtraMissing, RuntimeError)):
+        assert issubclass(cls, MTLFaceError) and issubclass(cls, builtin), (cls, builtin)
 
 
 # -- the demo ---------------------------------------------------------------------------------------------------------

@@ -23,9 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..precision import DTYPES, autocast
 from ..preprocess import preprocess
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
@@ -83,10 +82,11 @@ class Embedder:
 
     # -- tensors ---------------------------------------------------------------------------------------------
     def autocast(self):
-        """The precision context of every forward (a no-op for fp32)."""
+        """The precision context of every forward: autocast to bf16/fp16; for fp32, autocast disabled (exact
+        even inside an enclosing autocast)."""
         if self.dtype == "fp32":
             return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=DTYPES[self.dtype])
+        return autocast(self.device, self.dtype)
 
     @torch.inference_mode()
     def encode_tensor(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -15,7 +15,9 @@ from typing import Optional
 
 import torch
 
-from .program import SPEC_KEY, ExportSpec, atomic_write_suffix, decompose, dtype_name, export_program
+from ..checkpoint import atomic_write
+from ..errors import MissingDependencyError, UsageError
+from .program import SPEC_KEY, ExportSpec, decompose, dtype_name, export_program
 
 MIN_TORCH = (2, 6)
 
@@ -33,8 +35,9 @@ def _inductor():
     import torch._inductor as inductor
     if _torch_version() < MIN_TORCH or not hasattr(inductor, "aoti_compile_and_package") \
             or not hasattr(inductor, "aoti_load_package"):
-        raise RuntimeError(f"AOTInductor packages need torch >= {'.'.join(map(str, MIN_TORCH))} "
-                           f"(aoti_compile_and_package / aoti_load_package); this is torch {torch.__version__}")
+        raise MissingDependencyError(f"AOTInductor packages need torch >= {'.'.join(map(str, MIN_TORCH))} "
+                                     f"(aoti_compile_and_package / aoti_load_package); this is torch "
+                                     f"{torch.__version__}")
     return inductor
 
 
@@ -74,15 +77,15 @@ def export_aoti(model, path: str, entry: str = "recognition", *, min_batch: int 
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device cuda was requested but CUDA is not available")
+        raise UsageError("device cuda was requested but CUDA is not available; use device='cpu'")
     ep, spec = export_program(model, entry, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                               dtype=name, device=device)
     spec = spec.replace(target="aoti")
     ep = decompose(ep, keep_triton_ops=device.type == "cuda", what=f"the AOTInductor {device.type} package")
     configs = dict(inductor_configs or {})
     configs["aot_inductor.metadata"] = {**configs.get("aot_inductor.metadata", {}), **_metadata(spec)}
-    atomic_write_suffix(path, lambda tmp: inductor.aoti_compile_and_package(ep, package_path=tmp,
-                                                                             inductor_configs=configs))
+    atomic_write(path, lambda tmp: inductor.aoti_compile_and_package(ep, package_path=tmp, inductor_configs=configs),
+                 keep_suffix=True)
     return spec
 
 

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..checkpoint import atomic_write
+from ..errors import MissingDependencyError
 from .program import SPEC_KEY, ExportSpec, decompose, dtype_name, export_program
 
 INSTALL_HINT = 'pip install "mtlface-fast[onnx]"  (onnx, onnxruntime, onnxscript)'
@@ -24,8 +25,8 @@ def _require(module: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise RuntimeError(f"the ONNX target needs the '{module}' package ({exc}); install it with: "
-                           f"{INSTALL_HINT}") from None
+        raise MissingDependencyError(f"the ONNX target needs the '{module}' package ({exc}); install it with: "
+                                     f"{INSTALL_HINT}") from None
 
 
 def export_onnx(model, path: str, entry: str = "recognition", *, min_batch: int = 1, opt_batch: Optional[int] = None,

@@ -22,8 +22,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..precision import DTYPES, dtype_name  # noqa: F401  (re-exported for the export modules)
+
 ENTRIES = ("recognition", "synthesis")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 INPUT_NAMES = {"recognition": ("images",), "synthesis": ("images", "target_group")}
 OUTPUT_NAMES = {"recognition": ("embedding", "age"), "synthesis": ("image",)}
 SPEC_KEY = "mtlface_fast.export_spec"
@@ -53,16 +54,6 @@ class Synthesis(nn.Module):
 
 
 WRAPPERS = {"recognition": Recognition, "synthesis": Synthesis}
-
-
-def dtype_name(dtype) -> str:
-    """``"fp32"``/``"fp16"``/``"bf16"`` for a torch dtype or one of those names, else a ValueError."""
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return dtype
-    for name, value in DTYPES.items():
-        if dtype == value:
-            return name
-    raise ValueError(f"dtype must be one of {sorted(DTYPES)} or the torch dtype, got {dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,26 +120,6 @@ class ExportSpec:
             if batch and (int(group.min()) < 0 or int(group.max()) >= self.age_group):
                 raise ValueError(f"target_group values must be in [0, {self.age_group}), got values in "
                                  f"[{int(group.min())}, {int(group.max())}]")
-
-
-def atomic_write_suffix(path: str, write) -> str:
-    """``write(tmp)`` to a temporary file beside ``path`` with the same suffix (writers that check it, such as
-    ``torch.export.save`` and AOTInductor for ``.pt2``), then rename it over ``path``."""
-    import os
-    import tempfile
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    stem, suffix = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def check_model(model) -> nn.Module:

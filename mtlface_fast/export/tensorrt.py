@@ -29,7 +29,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..checkpoint import atomic_write
-from .program import (DTYPES, EXPORT_ATEN_DECOMPOSITIONS, ExportSpec, atomic_write_suffix, decompose, dtype_name,
+from ..errors import MissingDependencyError
+from .program import (DTYPES, EXPORT_ATEN_DECOMPOSITIONS, ExportSpec, decompose, dtype_name,
                       example_inputs, export_program, foreign_ops)
 
 INSTALL_HINT = ('pip install "mtlface-fast[trt]" -- torch-tensorrt of the same minor version as torch '
@@ -54,7 +55,7 @@ def tensorrt_available() -> Tuple[bool, str]:
 def _require():
     ok, reason = tensorrt_available()
     if not ok:
-        raise RuntimeError(f"the TensorRT target is unavailable: {reason}")
+        raise MissingDependencyError(f"the TensorRT target is unavailable: {reason}")
     return importlib.import_module("torch_tensorrt")
 
 
@@ -84,8 +85,9 @@ def _input_kwargs(fn, inputs) -> Dict:
 def _register_plugins(torch_tensorrt, ep) -> None:
     from torch_tensorrt._features import ENABLED_FEATURES
     if not getattr(ENABLED_FEATURES, "qdp_plugin", False):
-        raise RuntimeError("ops='plugin' needs TensorRT Quick-Deploy plugins, which this torch_tensorrt/TensorRT "
-                           "does not enable (off for TensorRT 10.14/10.15); use ops='decompose'")
+        raise MissingDependencyError("ops='plugin' needs TensorRT Quick-Deploy plugins, which this "
+                                     "torch_tensorrt/TensorRT does not enable (off for TensorRT 10.14/10.15); "
+                                     "use ops='decompose'")
     from torch_tensorrt.dynamo.conversion import plugins
     for name in foreign_ops(ep):
         if name.startswith("mtlface_fast::"):
@@ -154,7 +156,8 @@ def export_tensorrt(model, path: str, entry: str = "recognition", *, min_batch: 
         sample = list(example_inputs(spec, "cuda"))
         save = torch_tensorrt.save
         kw = {"arg_inputs": sample} if "arg_inputs" in inspect.signature(save).parameters else {"inputs": sample}
-        atomic_write_suffix(program_path, lambda tmp: save(compiled, tmp, output_format="exported_program", **kw))
+        atomic_write(program_path, lambda tmp: save(compiled, tmp, output_format="exported_program", **kw),
+                     keep_suffix=True)
         _write_spec(os.fspath(program_path), spec)
     return spec
 

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple, Type
 
+from ..errors import MissingDependencyError
 from ..reference.backbone import BACKBONE_UNITS
 from ..reference.heads import AGE_GROUP_THRESHOLDS
 
@@ -213,7 +214,11 @@ def load_config_file(path: str) -> Dict[str, Any]:
     with open(path) as fh:
         text = fh.read()
     if path.endswith((".yaml", ".yml")):
-        import yaml
+        try:
+            import yaml
+        except ImportError:
+            raise MissingDependencyError(f"{path}: a YAML config needs PyYAML (pip install PyYAML); or write it "
+                                         f"as .json") from None
         values = yaml.safe_load(text) or {}
     else:
         values = json.loads(text)

@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import load_state_dict_strict
+from ..errors import TrainingDivergedError
 from .config import TrainConfig
 from .data import FaceDataset, FaceList, StepSampler, balance_weights, load_image, make_loader, read_list_file
-from .recipes import AIFRRecipe, FASRecipe, JointRecipe, StepContext
+from .recipes import build_recipe
 from .state import LAST, find_resume, load_checkpoint, prune, restore, save_checkpoint, set_rng_state
 
 METRICS_FILE = "metrics.jsonl"
@@ -77,12 +78,6 @@ def convert_sync_batchnorm(*modules: torch.nn.Module) -> None:
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             raise ValueError("--sync-bn: convert the module that holds the BatchNorm, not the BatchNorm itself")
         torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)  # children are replaced in place
-
-
-def shard_seeder(seed: int):
-    def seed_shard(step: int, shard: int) -> None:
-        torch.manual_seed(((int(seed) * 1_000_003 + int(step)) * 10_007 + int(shard)) % (2 ** 63 - 1))
-    return seed_shard
 
 
 # -- model ------------------------------------------------------------------------------------------------
@@ -221,15 +216,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if sync_bn:
         convert_sync_batchnorm(model)
 
-    ctx = StepContext(device, cfg.amp, world, rank, cfg.clip_grad, shard_seeder(cfg.seed),
-                      convert=convert_sync_batchnorm if sync_bn else None)
-    torch.manual_seed(cfg.seed + 1)  # heads' init: same on every process, independent of the model's
-    if cfg.recipe in ("aifr", "finetune"):
-        recipe = AIFRRecipe(model, faces.num_classes, cfg, ctx)
-    elif cfg.recipe == "fas":
-        recipe = FASRecipe(model, cfg, ctx)
-    else:
-        recipe = JointRecipe(model, faces.num_classes, cfg, ctx)
+    recipe = build_recipe(cfg, model, faces.num_classes, device, world, rank,
+                          convert=convert_sync_batchnorm if sync_bn else None)
     modules = dict(model=model, **recipe.modules())
     for name, state in extra.items():  # heads of an init checkpoint, when they fit
         if name in modules and all(state[k].shape == v.shape for k, v in modules[name].state_dict().items()
@@ -296,8 +284,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             if cfg.amp != "fp16":  # fp16: the gradient scaler skips overflowing steps
                 for key in ("loss", "d_loss", "g_loss"):
                     if key in logs and not math.isfinite(logs[key]):
-                        raise RuntimeError(f"step {step}: {key} is {logs[key]} (lower the learning rate, or use "
-                                           f"--clip-grad)")
+                        raise TrainingDivergedError(f"step {step}: {key} is {logs[key]} (lower the learning rate, "
+                                                    f"or use --clip-grad)")
             if main:
                 history.append(dict(step=step, **logs))
             logger.log(step, logs)

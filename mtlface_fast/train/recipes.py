@@ -34,16 +34,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import autocast
 from ..reference.heads import AgeEstimationModule, CosFace, age2group, dex_age, grad_reverse
 from ..reference.icm import PatchDiscriminator
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-def autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+def amp_dtype(amp: str) -> Optional[str]:
+    """The :func:`~mtlface_fast.precision.autocast` dtype of a ``--amp`` mode: None for ``none``."""
+    return None if amp == "none" else amp
 
 
 def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
@@ -122,6 +120,14 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter], world: int) -> None:
             offset += n
 
 
+def shard_seeder(seed: int) -> Callable[[int, int], None]:
+    """``seed_shard(step, shard)``: seeds torch's RNG (dropout) for one micro-batch of one step, from the run's
+    seed, so a step is the same whatever the number of processes and wherever a run resumes."""
+    def seed_shard(step: int, shard: int) -> None:
+        torch.manual_seed(((int(seed) * 1_000_003 + int(step)) * 10_007 + int(shard)) % (2 ** 63 - 1))
+    return seed_shard
+
+
 class StepContext:
     """What a recipe step needs from the loop: device, precision, process group, per-shard seeding."""
 
@@ -144,7 +150,7 @@ class AIFRNet(nn.Module):
         self.age_weight, self.da_weight, self.grl_coeff, self.amp = age_weight, da_weight, grl_coeff, amp
 
     def forward(self, images, labels, ages):
-        with autocast(images.device, self.amp):
+        with autocast(images.device, amp_dtype(self.amp)):
             f = self.model.features(images)
             embedding = self.backbone.output_layer(f.x_id)
         # Official: only the backbone runs under autocast; its outputs go to the heads in fp32.
@@ -164,7 +170,9 @@ def _split(batch: Dict[str, torch.Tensor], parts: int) -> List[Dict[str, torch.T
 
 
 class AIFRRecipe:
-    """One SGD step of the AIFR objective over ``grad_accum`` micro-batches."""
+    """One SGD step of the AIFR objective over ``grad_accum`` micro-batches: :meth:`step` (forward, losses,
+    backward, optimizer and schedule step) is what the training loop runs and what ``mtlface-fast bench``
+    times as ``train_step``."""
 
     def __init__(self, model: nn.Module, num_classes: int, cfg, ctx: StepContext):
         self.model, self.cfg, self.ctx = model, cfg, ctx
@@ -286,9 +294,9 @@ class FASRecipe:
         for j, mb in enumerate(micros):
             ctx.seed_shard(step, ctx.rank + ctx.world * j)
             src, t = mb["image"], mb["target_group"]
-            with torch.no_grad(), autocast(ctx.device, cfg.amp):
+            with torch.no_grad(), autocast(ctx.device, amp_dtype(cfg.amp)):
                 f = model.features(src)
-            with autocast(ctx.device, cfg.amp):
+            with autocast(ctx.device, amp_dtype(cfg.amp)):
                 fake = model._generate(src, f, t).float()
                 logits = self._discriminate(torch.cat([mb["target_image"], fake.detach()]), torch.cat([t, t]), j)
                 real_logits, fake_logits = logits.chunk(2)
@@ -304,7 +312,7 @@ class FASRecipe:
         with frozen(self.discriminator, model.backbone, model.estimation_network):
             for j, (mb, (f, fake)) in enumerate(zip(micros, cache)):
                 src, t = mb["image"], mb["target_group"]
-                with autocast(ctx.device, cfg.amp):
+                with autocast(ctx.device, amp_dtype(cfg.amp)):
                     gan = 0.5 * lsgan_loss(self._discriminate(fake, t, j), 1.0)
                     gf = model.features(fake)
                     id_l = F.mse_loss(gf.x_id.float(), f.x_id.float())
@@ -363,3 +371,21 @@ class JointRecipe:
                           f"identity and age losses are computed on amplified features. Lower --lr, keep the "
                           f"warm-up (--warmup-steps) or start from an AIFR model (--init)")
         return logs
+
+
+def build_recipe(cfg, model: nn.Module, num_classes: int, device: torch.device, world: int = 1, rank: int = 0,
+                 convert: Optional[Callable[[nn.Module], None]] = None):
+    """The recipe ``cfg.recipe`` names (``aifr`` and ``finetune``: :class:`AIFRRecipe`, ``fas``, ``joint``) over
+    ``model``, as the training loop runs it: its step context from ``cfg`` (``amp``, ``clip_grad``, per-shard
+    seeding from ``seed``) and its heads initialized from ``cfg.seed + 1``, the same on every process and
+    independent of the model's initialization. ``convert`` is applied to the recipe's own modules (``--sync-bn``)."""
+    if cfg.recipe not in ("aifr", "finetune", "fas", "joint"):
+        raise ValueError(f"recipe must be one of aifr, fas, joint, finetune, got {cfg.recipe!r}")
+    ctx = StepContext(torch.device(device), cfg.amp, world, rank, cfg.clip_grad, shard_seeder(cfg.seed),
+                      convert=convert)
+    torch.manual_seed(cfg.seed + 1)
+    if cfg.recipe == "fas":
+        return FASRecipe(model, cfg, ctx)
+    if cfg.recipe == "joint":
+        return JointRecipe(model, num_classes, cfg, ctx)
+    return AIFRRecipe(model, num_classes, cfg, ctx)
