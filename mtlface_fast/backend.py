@@ -20,6 +20,8 @@ import threading
 
 import torch
 
+from .errors import MissingDependencyError
+
 BACKENDS = ("auto", "triton", "torch")
 _ENV = "MTLFACE_FAST_BACKEND"
 _state = threading.local()
@@ -82,7 +84,8 @@ def choose(device: torch.device) -> str:
     """``"triton"`` or ``"torch"``: what the backend in force runs the fused ops on ``device`` with.
 
     Raises:
-        RuntimeError: backend ``triton`` without triton installed, or on CPU without the interpreter.
+        MissingDependencyError (a RuntimeError): backend ``triton`` without triton installed, or on CPU
+            without the interpreter.
     """
     backend = get_backend()
     if backend == "torch":
@@ -90,9 +93,10 @@ def choose(device: torch.device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if not triton_available():
-        raise RuntimeError("backend 'triton' was requested but triton is not installed (pip install triton)")
+        raise MissingDependencyError("backend 'triton' was requested but triton is not installed "
+                                     "(pip install triton)")
     if device.type != "cuda" and not interpreter_enabled():
-        raise RuntimeError(
+        raise MissingDependencyError(
             "backend 'triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
             "before importing triton (or use backend 'auto'/'torch' on CPU)")
     return "triton"
