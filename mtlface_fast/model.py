@@ -33,13 +33,16 @@ FAST_LAYERS: Dict[str, Dict[str, type]] = {
 }
 
 
-class MTLFace(ReferenceMTLFace):
+class MTLFace(layers.WeightsVersioned, ReferenceMTLFace):
     """Drop-in fast MTLFace, for every architecture; see :class:`mtlface_fast.reference.MTLFace` for the
     arguments and API. ``channels_last`` defaults to None (CUDA only); layer keywords override the fast
     layers of :data:`FAST_LAYERS`.
     """
 
     flip_in_one_batch = True
+
+    # weights_version() (from layers.WeightsVersioned): moves on load_state_dict, .to(), train()/eval(), every
+    # optimizer step and weights_changed() of the model; what captured or compiled artifacts key on.
 
     def __init__(self, backbone: str = "ir50", input_size: int = 112, age_group: int = 7,
                  afd: Optional[str] = None, sigma: Optional[float] = None, *, arch: str = "cvpr",
@@ -67,8 +70,10 @@ class MTLFace(ReferenceMTLFace):
 
     def weights_changed(self) -> "MTLFace":
         """Announce a change of the weights that no tracked event made (an in-place edit by hand, a changed
-        ``eps``): the fused layers rebuild their cached folded/packed weights at the next call. Loading,
-        ``.to()``, ``train()``/``eval()`` and optimizer steps need no call. Returns the model."""
+        ``eps``): the fused layers rebuild their cached folded/packed weights at the next call, and
+        :meth:`weights_version` moves. Loading, ``.to()``, ``train()``/``eval()`` and optimizer steps need no
+        call. Returns the model."""
+        super().weights_changed()
         for _, m in self.fused_layers():
             m.weights_changed()
         return self

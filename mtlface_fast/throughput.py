@@ -237,11 +237,21 @@ def run(args, on_update=None) -> Dict:
             print(f"throughput: skipping ours_tensorrt: {reason}", file=sys.stderr)
     batches = list(args.batch)
     torch.manual_seed(args.seed)
-    arch = getattr(args, "arch", "cvpr")
-    ref_model = reference.MTLFace(backbone=args.backbone, input_size=args.input_size, age_group=args.age_group,
-                                  arch=arch)
-    ours = MTLFace(backbone=args.backbone, input_size=args.input_size, age_group=args.age_group, arch=arch)
-    ours.load_state_dict(ref_model.state_dict())
+    weights = getattr(args, "weights", None)
+    if weights:  # a saved folder or the official files: the architecture and sizes come from them
+        from .loading import load_model
+        ours, _ = load_model(weights)
+        cfg = ours.config
+        args.arch, args.backbone, args.input_size, args.age_group = (cfg["arch"], cfg["backbone"], cfg["input_size"],
+                                                                    cfg["age_group"])
+        ref_model = reference.MTLFace(**cfg)
+        ref_model.load_state_dict(ours.state_dict())
+    else:
+        ref_model = reference.MTLFace(backbone=args.backbone, input_size=args.input_size, age_group=args.age_group,
+                                      arch=getattr(args, "arch", "cvpr"))
+        ours = MTLFace(**ref_model.config)
+        ours.load_state_dict(ref_model.state_dict())
+    arch = ours.config["arch"]
     models = {"reference": ref_model.to(device), "ours": ours.to(device)}
     initial = {k: v.detach().clone() for k, v in ref_model.state_dict().items()}
 
@@ -369,6 +379,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {TASKS}")
     p.add_argument("--variants", default=None, help=f"comma-separated subset of {VARIANTS} (cpu default: "
                    f"{','.join(CPU_DEFAULT_VARIANTS)}; cuda: all)")
+    p.add_argument("--weights", default=None, help="time a trained model: a folder written by save_pretrained or "
+                   "the authors' TPAMI release file (mtlface_checkpoints.tar); its architecture and sizes replace "
+                   "--arch/--backbone/--input-size/--age-group (default: seeded random weights)")
     p.add_argument("--arch", default="cvpr", choices=("cvpr", "tpami"), help="model architecture (cvpr); tpami "
                    "is the released model (encode with flip TTA, StyleGAN2 decoder, stored noise)")
     p.add_argument("--backbone", default="ir50", help="backbone (ir50)")

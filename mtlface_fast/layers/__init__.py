@@ -1,10 +1,10 @@
 """nn.Modules over the fast ops; each subclasses its reference module so state dicts load unchanged."""
 from .afd import FusedAttentionModule
 from .fold import fold_bn
-from .fused import FusedLayer
+from .fused import FusedLayer, WeightsVersioned
 from .icm import CompactAgingModule, CompactICM, CompactTPAMIAgingModule
 from .stylegan2 import FastStyledConv, FastToRGB
 from .trunk import FastBottleneckIR
 
 __all__ = ["CompactAgingModule", "CompactICM", "CompactTPAMIAgingModule", "FastBottleneckIR", "FastStyledConv",
-           "FastToRGB", "FusedAttentionModule", "FusedLayer", "fold_bn"]
+           "FastToRGB", "FusedAttentionModule", "FusedLayer", "WeightsVersioned", "fold_bn"]

@@ -37,17 +37,37 @@ def watch_optimizers() -> None:
         _watching = True
 
 
-class FusedLayer:
-    """Mixin for a fast layer (put it first in the bases of an ``nn.Module`` subclass)."""
+class WeightsVersioned:
+    """Mixin (first among an ``nn.Module`` subclass's bases): :meth:`weights_version` and the tracked events."""
 
     def weights_version(self) -> Tuple[int, int]:
+        if not _watching:
+            watch_optimizers()
         return self.__dict__.get("_fused_version", 0), _steps
 
     def weights_changed(self) -> None:
-        """Announce a change of this layer's weights that no tracked event made (see the module doc)."""
+        """Announce a change of the weights that no tracked event made (see the module doc)."""
         d = self.__dict__
         d["_fused_version"] = d.get("_fused_version", 0) + 1
         d["_fused_impl"] = None
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self.weights_changed()
+        return out
+
+    def train(self, mode: bool = True):
+        out = super().train(mode)
+        self.weights_changed()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.weights_changed()
+
+
+class FusedLayer(WeightsVersioned):
+    """Mixin for a fast layer (put it first in the bases of an ``nn.Module`` subclass)."""
 
     def implementation(self) -> str:
         """``"triton"`` or ``"torch"``: what runs this layer's fused ops (chosen once, see the module doc)."""
@@ -67,18 +87,3 @@ class FusedLayer:
     def describe_implementation(self) -> str:
         """One line for :meth:`MTLFace.implementations`: what runs this layer."""
         return self.implementation()
-
-    # -- the tracked events ------------------------------------------------------------------------
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self.weights_changed()
-        return out
-
-    def train(self, mode: bool = True):
-        out = super().train(mode)
-        self.weights_changed()
-        return out
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.weights_changed()
