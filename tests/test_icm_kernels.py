@@ -247,12 +247,13 @@ def test_bad_inputs_raise_clear_errors():
 def test_training_and_inference_follow_the_backend_switch(monkeypatch, train):
     # Where the switch picks the Triton kernels (auto on CUDA), training takes them as inference does, under
     # the auto backend too (on CUDA this runs with CUDA tensors).
+    from mtlface_fast import backend
     from mtlface_fast.layers import icm as icm_layer
 
     _, fast = _pair("cvpr", 4, 0.25, unit=8, cin=12, repeat=1, seed=16)
     fast.to(DEV).train(train)
     calls = []
-    monkeypatch.setattr(icm_layer, "use_triton_for", lambda t: True)
+    monkeypatch.setattr(backend, "choose", lambda device: "triton")  # what the switch picks on CUDA
     monkeypatch.setattr(icm_layer, "compact_icm_triton", lambda m, x, g, s: calls.append(s) or x)
     x = torch.randn(3, 12, 3, 3, device=DEV, requires_grad=True)
     with use_backend("auto"):

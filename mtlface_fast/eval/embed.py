@@ -6,9 +6,9 @@ can persist them to an ``.npz`` cache keyed by the model's weights, the preproce
 and modification time. Images that cannot be decoded are recorded in :attr:`Embedder.failed` (path ->
 reason) instead of stopping the run; callers exclude and report them.
 
-Embeddings are L2-normalized. With ``flip=True`` (test-time augmentation, as the TPAMI release's
-``encode``): embedding = normalize(normalize(e(x)) + normalize(e(flip(x)))), age and group logits are the
-means of the two views.
+Embeddings are L2-normalized. With ``flip=True`` (test-time augmentation, ``model.encode(x, flip=True)``; the
+default of the TPAMI release): embedding = normalize(normalize(e(x)) + normalize(e(flip(x)))), age and group
+logits are the means of the two views.
 """
 from __future__ import annotations
 
@@ -56,13 +56,14 @@ class Embedder:
         model: an :class:`mtlface_fast.MTLFace` (or the reference), already on ``device``.
         device: where the model lives.
         batch_size: images per forward.
-        flip: horizontal-flip test-time augmentation.
+        flip: horizontal-flip test-time augmentation (``model.encode``'s ``flip``); None: the architecture's
+            default (on for the TPAMI release, as its ``encode``; off for the CVPR model).
         dtype: ``fp32`` (exact), ``bf16`` or ``fp16`` (autocast, for throughput on GPU).
         workers: image-decoding threads.
         progress: show a tqdm bar on stderr.
     """
 
-    def __init__(self, model, device=None, batch_size: int = 64, flip: bool = False, dtype: str = "fp32",
+    def __init__(self, model, device=None, batch_size: int = 64, flip: Optional[bool] = None, dtype: str = "fp32",
                  workers: int = 4, progress: bool = True):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -70,7 +71,10 @@ class Embedder:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive int, got {workers!r}")
+        if flip is not None and not isinstance(flip, bool):
+            raise ValueError(f"flip must be True, False or None, got {flip!r}")
         self.model = model.eval()
+        flip = model.architecture.default_flip if flip is None else flip
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.batch_size, self.flip, self.dtype, self.workers, self.progress = batch_size, flip, dtype, workers, progress
         self.size = model.config["input_size"]
@@ -92,17 +96,10 @@ class Embedder:
     def encode_tensor(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) normalized images on the model's device -> (embedding (B, D) normalized, age (B,),
         group_logits (B, G)), all float32."""
-        views = [x, torch.flip(x, dims=[3])] if self.flip else [x]
-        embs, ages, logits = [], [], []
         with self.autocast():
-            for v in views:
-                r = self.model.encode(v)
-                embs.append(F.normalize(r.embedding.float(), dim=1))
-                ages.append(r.age.float())
-                logits.append(r.group_logits.float())
-        self.n_forward_images += x.size(0) * len(views)
-        emb = F.normalize(sum(embs), dim=1) if self.flip else embs[0]
-        return emb, sum(ages) / len(ages), sum(logits) / len(logits)
+            r = self.model.encode(x, flip=self.flip)  # flip TTA: normalize(normalize(v) + normalize(v_mirrored))
+        self.n_forward_images += x.size(0) * (2 if self.flip else 1)
+        return F.normalize(r.embedding.float(), dim=1), r.age.float(), r.group_logits.float()
 
     # -- files -----------------------------------------------------------------------------------------------
     def encode_paths(self, paths: Sequence[str], desc: str = "embedding") -> Dict[str, np.ndarray]:

@@ -94,7 +94,8 @@ def evaluate(model, *, pairs: Sequence[Tuple[str, str]] = (), root: Optional[str
              n_folds: int = 10, lfw_ext: str = ".jpg", identify: Optional[str] = None, identify_root: Optional[str] = None,
              split: str = "loo", split_age: float = 18.0, augment_gallery: bool = False,
              ages: Optional[str] = None, ages_root: Optional[str] = None, synthesis: Sequence[str] = (),
-             sheet_rows: int = 8, out: str = "eval_out", batch_size: int = 64, flip: bool = False, dtype: str = "fp32",
+             sheet_rows: int = 8, out: str = "eval_out", batch_size: int = 64, flip: Optional[bool] = None,
+             dtype: str = "fp32",
              workers: int = 4, progress: bool = True, cache: Optional[str] = None, fars=DEFAULT_FARS,
              source: str = "", log=print) -> Dict:
     """Run the requested evaluations with ``model`` (already on its device) and write the reports.
@@ -112,7 +113,7 @@ def evaluate(model, *, pairs: Sequence[Tuple[str, str]] = (), root: Optional[str
         n = emb.load_cache(cache)
         log(f"embedding cache {cache}: {n} entr{'y' if n == 1 else 'ies'} reused")
     report: Dict = dict(model=dict(source=source, config=model.config, cls=type(model).__name__),
-                        run=dict(device=str(device), dtype=dtype, flip=flip, batch_size=batch_size,
+                        run=dict(device=str(device), dtype=dtype, flip=emb.flip, batch_size=batch_size,
                                  torch=torch.__version__, python=platform.python_version(),
                                  argv=sys.argv[1:]),
                         verification={}, identification={}, files={})
@@ -359,7 +360,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward (64)")
     g.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="fp32 (exact), bf16 or fp16 autocast")
-    g.add_argument("--flip", action="store_true", help="flip test-time augmentation (image + mirrored image)")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation (image + mirrored image); default: the model's (on for the "
+                        "TPAMI release, as its encode; off for the CVPR model)")
     g.add_argument("--workers", type=int, default=4, help="image-decoding threads (4)")
     g.add_argument("--cache", help="an .npz embedding cache to reuse and update (keyed by the model's weights)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")

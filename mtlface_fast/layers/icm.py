@@ -52,7 +52,8 @@ from .icm_common import (BN_STATS, IcmLayer, autocast_dtype, check_bn_stats, che
 from .icm_torch import compact_icm_torch, group_segments  # noqa: F401
 from .icm_triton import compact_icm_triton, forward_supported, pack_forward  # noqa: F401
 
-__all__ = ["BN_STATS", "CompactAgingModule", "CompactICM", "CompactTPAMIAgingModule", "check_bn_stats", "check_icm_inputs",
+__all__ = ["BN_STATS", "CompactAgingModule", "CompactICM", "CompactTPAMIAgingModule", "check_bn_stats",
+           "check_icm_inputs",
            "compact_icm_torch", "compact_icm_triton", "group_segments", "icm_layers"]
 
 

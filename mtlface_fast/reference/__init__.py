@@ -13,6 +13,6 @@ __all__ = [
     "MTLFace", "EncodeResult", "Features", "AIResNet", "BottleneckIR", "SEModule", "AttentionModule", "SPPModule",
     "AgeEstimationModule", "CosFace", "GradientReverseLayer", "grad_reverse", "age2group", "dex_age", "AgingModule",
     "ICMBase", "ResidualBlock", "TaskRouter", "Upsample", "PatchDiscriminator", "router_windows", "AFD_VARIANTS",
-    "BACKBONE_UNITS", "AGE_GROUP_THRESHOLDS", "ARCHITECTURES", "Architecture", "CVPR", "TPAMI", "TPAMIEncoder", "TPAMIDecoder", "TPAMIAgingModule",
-    "StyleBlock",
+    "BACKBONE_UNITS", "AGE_GROUP_THRESHOLDS", "ARCHITECTURES", "Architecture", "CVPR", "TPAMI", "TPAMIEncoder",
+    "TPAMIDecoder", "TPAMIAgingModule", "StyleBlock",
 ]
