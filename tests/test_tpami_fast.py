@@ -1,5 +1,6 @@
 """The fast TPAMI model and its StyleGAN2 layers against the reference (fp32, forward and backward)."""
 import copy
+import statistics
 
 import pytest
 import torch
@@ -109,14 +110,26 @@ def test_fast_model_backward_matches_reference(pair):
     RMS, so a correct fp32 computation can put one of them on the other side of the kink, and the gradients
     below it jump (the fp32 reference itself, run in channels_last, is off by 70x its NCHW error on one
     weight). Which computation flips depends on the CPU's last bits, so the fp32 rule is judged on the whole
-    gradient (RMS over every parameter, each on its own scale) and on each tensor's relative norm with a bound
-    that a wrong formula exceeds by far; the float64 comparison, where no flip happens, is exact per element.
+    gradient (RMS over every parameter, each on its own scale) of the median of three samples (one flip moves
+    one sample's RMS by 40x on some CPUs) and on each tensor's relative norm with a bound that a wrong formula
+    exceeds by far; the float64 comparison, where no flip happens, is exact per element for every sample.
     The 32 px test model has 2x2 and 4x4 InstanceNorm inputs whose backward amplifies rounding, so a fixed
     fp32 tolerance would measure conditioning; the fp64 reference measures it instead.
     """
     r, f = pair
     r64, f64 = copy.deepcopy(r).double(), copy.deepcopy(f).double()
-    x, cond = _x(1, seed=4), torch.tensor([3])
+    samples = []
+    for seed, group in ((4, 3), (5, 0), (6, 6)):  # the fp32 rule is judged on the median sample
+        samples.append(_gradient_errors(r, f, r64, f64, _x(1, seed=seed), torch.tensor([group])))
+    rms_ref = statistics.median(a for a, _ in samples)
+    rms_fast = statistics.median(b for _, b in samples)
+    assert rms_fast <= 2 * rms_ref + 1e-6, (f"fp32 gradients: median-sample RMS error {rms_fast:.3e} vs the "
+                                            f"reference's {rms_ref:.3e} (per sample: {samples})")
+
+
+def _gradient_errors(r, f, r64, f64, x, cond):
+    """(RMS error of the fp32 reference's gradients, of the fast model's) against the fp64 truth for one sample,
+    after checking the float64 fast gradients per element and each fp32 tensor's relative norm."""
     grads = []
     for m, inp in ((r, x), (f, x), (r64, x.double()), (f64, x.double())):
         m.zero_grad(set_to_none=True)
@@ -146,8 +159,7 @@ def test_fast_model_backward_matches_reference(pair):
         norm = float(truth.norm()) if scale == own else scale * truth.numel() ** 0.5
         rel = float((gfast[n] - truth).norm()) / norm
         assert rel <= 5e-2, f"grad {n}: relative norm error {rel:.3e} in fp32"
-    rms_ref, rms_fast = (sq_ref / count) ** 0.5, (sq_fast / count) ** 0.5
-    assert rms_fast <= 2 * rms_ref + 1e-6, f"fp32 gradients: RMS error {rms_fast:.3e} vs the reference's {rms_ref:.3e}"
+    return (sq_ref / count) ** 0.5, (sq_fast / count) ** 0.5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (full-size TPAMI model on the device)")
