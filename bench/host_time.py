@@ -2,7 +2,8 @@
 
 ``python bench/host_time.py [--batch 4] [--rounds 20] [--iters 50]``: layer cases (the default suite)
 ``python bench/host_time.py --suite model [--repo PATH]``: ``encode`` / ``synthesize`` of the full model
-``python bench/host_time.py --compare OLD_CHECKOUT [--rounds 3] [--iters 4]``: model cases, old vs this tree
+``python bench/host_time.py --suite breakdown [--repo PATH] [--cases ...]``: cProfile of those calls
+``python bench/host_time.py --compare OLD_CHECKOUT [--rounds 3] [--iters 2] [--host-iters 12]``: model cases, old vs this tree
 
 What a GPU host spends per call before the kernels run (argument checks, dispatch, operand caches,
 allocations, the stubbed launch); Triton's own launch path (binding, cubin lookup, cuLaunchKernel: a few
@@ -22,16 +23,23 @@ ops (convolutions) really run on the CPU and dominate the wall time, so host tim
 spent inside aten ops, read from ``torch.profiler``: the call is split at its top-level aten ops (events named
 ``aten::*`` with no ``aten::*`` ancestor; those inside a custom op's body count too) into aten intervals and
 the host gaps before, between and after them. Each gap and each aten interval is the same program point in
-every call, so a per-position median over ``--iters`` calls drops the gaps that the shared machine's scheduler
-preempted (one preemption adds milliseconds to one gap); host = the sum of the per-position median gaps.
-  In host: Python of the model and layers (checks, precision/NVTX context, implementation choice, cache
-  lookups of folded/packed weights), custom-op dispatch (``torch.library``) and their Python bodies with the
-  launch stubbed, tensor attribute reads (``.shape``, ``.data_ptr()``, ``._version``), and the profiler's own
-  bookkeeping at each op boundary (``profiler_overhead_us_per_aten_op`` bounds it; ~1 us per op).
-  Not in host: the dispatcher overhead of each aten op (a few us each on a GPU host as well, inside the aten
+every call, so a per-position median over the calls of a round drops the gaps that the shared machine's
+scheduler preempted (one preemption adds milliseconds to one gap); host = the sum of the per-position median
+gaps. ``host_us`` is taken over ``--host-iters`` calls with the aten computation elided
+(:func:`elide_compute_mode`: a CPU-computed op inflates the Python that follows it, which a GPU host does not
+see); ``host_us_real_compute`` is the same split over ``--iters`` calls that compute.
+  In host: Python of the model and layers (checks, precision/NVTX context, module calls, implementation
+  choice, cache lookups of folded/packed weights), the Python-to-C++ argument parsing of each aten call,
+  custom-op dispatch (``torch.library``) and their Python bodies with the launch stubbed (plus one
+  pass-through frame of the dispatch mode per custom op), tensor attribute reads (``.shape``,
+  ``.data_ptr()``, ``._version``), and the profiler's own bookkeeping at each op boundary
+  (``profiler_overhead_us_per_aten_op``, measured in the same run: ~0.3 us per op).
+  Not in host: the dispatcher and kernel of each aten op (a few us each on a GPU host as well, inside the aten
   event; ``aten_ops_per_call`` says how many) and Triton's launch path.
-Also reported per call: wall time and thread CPU time without the profiler, the aten time, the number of
-top-level aten ops (and of all aten events) and of Triton launches.
+Also reported per call: wall time and thread CPU time without the profiler (``--iters`` calls), the aten time
+with real compute, the number of top-level aten ops (and of all aten events), of Triton launches, and the
+largest host gaps with the ops around them (``top_gaps``). ``same_aten_ops_elided`` says whether the elided
+run saw the same top-level op sequence (a ``contiguous`` on an already contiguous tensor may drop out).
 ``--compare`` runs the same measuring code (this file) against two code versions: each round starts one
 worker subprocess per version (``--suite model --repo PATH``: PATH first on sys.path before mtlface_fast is
 imported), old/new order alternating between rounds, so machine-load drift hits both alike; per case the
