@@ -517,6 +517,7 @@ def run_breakdown(args) -> None:
     stub_kernels()
     from mtlface_fast import use_backend
     nn_dir = os.path.join(os.path.dirname(torch.__file__), "nn")
+    report = {}
     with use_backend("triton"), torch.no_grad():
         cases = _model_cases(args.cases or MODEL_CASES)
         for name, fn in cases.items():
@@ -541,6 +542,15 @@ def run_breakdown(args) -> None:
                   f"calls per call; own time of these functions {1e6 * total:.0f} us")
             for tt, ct, nc, where in rows[:args.top]:
                 print(f"{1e6 * tt:9.1f} {1e6 * ct:10.1f} {nc:6d}  {where}")
+            report[name] = dict(own_us_total=1e6 * total, rows=[
+                dict(own_us=1e6 * tt, cumulative_us=1e6 * ct, calls=nc, function=where) for tt, ct, nc, where in rows[:args.top]])
+    out = _write(f"host-time-breakdown-{git_commit(repo)[:7]}-{_stamp()}.json",
+                 dict(suite="breakdown", setup=SETUP, environment=versions(), git_commit=git_commit(repo),
+                      repo=repo, iters=args.iters, loadavg=os.getloadavg(),
+                      note="cProfile (thread CPU clock) own time per call of the measured checkout's functions and "
+                           "torch.nn's, with the aten computation elided; cProfile inflates every figure",
+                      results=report))
+    print("wrote", out)
 
 
 def _stamp() -> str:
