@@ -222,9 +222,8 @@ def elide_compute_mode():
     with a large output return their destination. Views, small ops and ops that meta cannot infer compute
     for real. Ones are finite and within every range check, so the input checks pass as with real data.
     Why: a CPU-computed op evicts the interpreter's working set from the caches and a freed large buffer is
-    unmapped, which adds tens of microseconds to the Python after each large op, a cost a GPU host does not
-    have (measured: the gap after a 64x112x112 convolution 60 us, after a 64x7x7 one 6 us, between two
-    1-element ops 1 us). The mode's own Python runs inside the aten event (the profiler opens the event at the
+    unmapped, which adds tens of microseconds to the Python after each large op (the gap after a convolution
+    grows with its size), a cost a GPU host does not have. The mode's own Python runs inside the aten event (the profiler opens the event at the
     dispatcher, before the mode), so it is not host; for a custom op (``torch.library``, whose body is host)
     it adds one pass-through frame per op."""
     import torch
