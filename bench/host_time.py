@@ -3,7 +3,8 @@
 ``python bench/host_time.py [--batch 4] [--rounds 20] [--iters 50]``: layer cases (the default suite)
 ``python bench/host_time.py --suite model [--repo PATH]``: ``encode`` / ``synthesize`` of the full model
 ``python bench/host_time.py --suite breakdown [--repo PATH] [--cases ...]``: cProfile of those calls
-``python bench/host_time.py --compare OLD_CHECKOUT [--rounds 3] [--iters 2] [--host-iters 12]``: model cases, old vs this tree
+``python bench/host_time.py --compare OLD_CHECKOUT [--rounds 3] [--iters 2] [--host-iters 12]``: model cases,
+old vs this tree
 
 What a GPU host spends per call before the kernels run (argument checks, dispatch, operand caches,
 allocations, the stubbed launch); Triton's own launch path (binding, cubin lookup, cuLaunchKernel: a few
@@ -221,10 +222,10 @@ def elide_compute_mode():
     GPU host that only enqueues work and whose caching allocator reuses blocks. In-place and ``out=`` ops
     with a large output return their destination. Views, small ops and ops that meta cannot infer compute
     for real. Ones are finite and within every range check, so the input checks pass as with real data.
-    Why: a CPU-computed op evicts the interpreter's working set from the caches and a freed large buffer is
-    unmapped, which adds tens of microseconds to the Python after each large op (the gap after a convolution
-    grows with its size), a cost a GPU host does not have. The mode's own Python runs inside the aten event (the profiler opens the event at the
-    dispatcher, before the mode), so it is not host; for a custom op (``torch.library``, whose body is host)
+    Why: a CPU-computed op evicts the interpreter's working set from the caches, which slows the Python after
+    each large op (the gap after a convolution grows with its size), a cost a GPU host does not have. The
+    mode's own Python runs inside the aten event (the profiler opens the event at the dispatcher, before the
+    mode), so it is not host; for a custom op (``torch.library``, whose body is host)
     it adds one pass-through frame per op."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -542,7 +543,8 @@ def run_breakdown(args) -> None:
             for tt, ct, nc, where in rows[:args.top]:
                 print(f"{1e6 * tt:9.1f} {1e6 * ct:10.1f} {nc:6d}  {where}")
             report[name] = dict(own_us_total=1e6 * total, rows=[
-                dict(own_us=1e6 * tt, cumulative_us=1e6 * ct, calls=nc, function=where) for tt, ct, nc, where in rows[:args.top]])
+                dict(own_us=1e6 * tt, cumulative_us=1e6 * ct, calls=nc, function=where)
+                for tt, ct, nc, where in rows[:args.top]])
     out = _write(f"host-time-breakdown-{git_commit(repo)[:7]}-{_stamp()}.json",
                  dict(suite="breakdown", setup=SETUP, environment=versions(), git_commit=git_commit(repo),
                       repo=repo, iters=args.iters, loadavg=os.getloadavg(),
