@@ -222,8 +222,8 @@ def elide_compute_mode():
     GPU host that only enqueues work and whose caching allocator reuses blocks. In-place and ``out=`` ops
     with a large output return their destination. Views, small ops and ops that meta cannot infer compute
     for real. Ones are finite and within every range check, so the input checks pass as with real data.
-    Why: a CPU-computed op evicts the interpreter's working set from the caches, which slows the Python after
-    each large op (the gap after a convolution grows with its size), a cost a GPU host does not have. The
+    Why: a CPU-computed op slows the Python after it (most likely by evicting the interpreter's working set)
+    after each large op (the gap after a convolution grows with its size), a cost a GPU host does not have. The
     mode's own Python runs inside the aten event (the profiler opens the event at the dispatcher, before the
     mode), so it is not host; for a custom op (``torch.library``, whose body is host)
     it adds one pass-through frame per op."""
