@@ -114,7 +114,7 @@ class MTLFace(nn.Module):
 
     def _check(self, images: torch.Tensor) -> torch.Tensor:
         p = self._param()
-        return check_images(images, input_size=self.input_size, device=p.device, dtype=p.dtype)
+        return check_images(images, input_size=self.input_size, device=p.device, dtype=p.dtype, module=self)
 
     # -- recognition ---------------------------------------------------------------------------------
     def features(self, images: torch.Tensor) -> Features:

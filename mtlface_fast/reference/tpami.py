@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..validation import check_images, check_target_group
+from ..validation import check_generator, check_images, check_noise_maps, check_target_group
 from .afd import AttentionModule
 from .backbone import AIResNet, check_backbone, check_input_size
 from .heads import AgeEstimationModule, check_age_group
@@ -221,7 +221,7 @@ class TPAMIMTLFace(nn.Module):
 
     def _check(self, images: torch.Tensor) -> torch.Tensor:
         p = next(self.parameters())
-        return check_images(images, input_size=self.input_size, device=p.device, dtype=p.dtype)
+        return check_images(images, input_size=self.input_size, device=p.device, dtype=p.dtype, module=self)
 
     def save_pretrained(self, path: str) -> str:
         """Write ``config.json`` and ``model.safetensors`` into ``path``; ``MTLFace.from_pretrained`` reads it."""
@@ -279,6 +279,7 @@ class TPAMIMTLFace(nn.Module):
         else from the global RNG inside the layers (the official behaviour); or an explicit list.
         """
         gen = self.decoder.decoder
+        check_generator(generator)
         if isinstance(noise, str):
             if noise not in NOISE_MODES:
                 raise ValueError(f"noise must be one of {NOISE_MODES} or a list of tensors, got {noise!r}")
@@ -292,10 +293,7 @@ class TPAMIMTLFace(nn.Module):
             dtype = gen.input.input.dtype
             return [torch.randn(s, generator=generator, device=generator.device).to(dev, dtype)
                     for s in gen.noise_shapes(batch)]
-        noise = list(noise)
-        if len(noise) != gen.num_layers:
-            raise ValueError(f"noise must hold {gen.num_layers} tensors, got {len(noise)}")
-        return noise
+        return check_noise_maps(noise, gen.noise_shapes(batch), gen.input.input.device)
 
     def _latents_to_images(self, latents: torch.Tensor, noise) -> torch.Tensor:
         return self.decoder(latents, noise=noise).clamp(-1.0, 1.0)
