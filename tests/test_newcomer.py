@@ -1,6 +1,8 @@
 """What a newcomer's first photos and first calls run into: phone photos stored sideways (EXIF), 16-bit and float
 image files, empty images, decompression bombs, pictures of an untrained model that must say so, and errors that
 name the argument (both architectures)."""
+import json
+import os
 import struct
 import zlib
 
@@ -11,6 +13,7 @@ from PIL import Image
 
 import mtlface_fast
 from mtlface_fast import align as A
+from mtlface_fast import demo
 from mtlface_fast.cli import main
 from mtlface_fast.preprocess import read_image
 from mtlface_fast.train.data import load_image as train_load_image
@@ -139,6 +142,70 @@ def test_images_over_the_warning_limit_warn_with_the_file_name(tmp_path, monkeyp
         read_image(str(tmp_path / "huge.png"))
 
 
+# -- 3. pictures of an untrained model say so; a font that renders spaces -------------------------------------------
+def _widest_blank_run(img: Image.Image, rows) -> int:
+    """The widest run of blank columns between the first and the last inked column of ``rows``."""
+    ink = (np.asarray(img.convert("L"))[rows] < 160).any(axis=0)
+    cols = np.flatnonzero(ink)
+    best = run = 0
+    for c in ink[cols[0]:cols[-1] + 1]:
+        run = 0 if c else run + 1
+        best = max(best, run)
+    return best
+
+
+@pytest.mark.parametrize("spaced,joined", [("NOT a", "NOTa"), ("faces equal", "facesequal")])
+def test_grid_titles_render_spaces(tmp_path, spaced, joined):
+    band = slice(0, demo.LABEL_FONT_SIZE + 4)  # the title's line
+    gaps = {}
+    for text in (spaced, joined):
+        path = demo.save_grid(str(tmp_path / f"{text}.png"), torch.zeros(3, 32, 32), torch.zeros(2, 3, 32, 32),
+                              ["a", "b"], title=text)
+        gaps[text] = _widest_blank_run(Image.open(path), band)
+    # 10-pixel default font: 2 and 2 (the space closed up by kerning); the 12-pixel font: 4 and 2
+    assert gaps[spaced] >= gaps[joined] + 2, gaps
+
+
+def _assert_red_note_under_the_faces(path, tmp_path, size: int, groups: int):
+    """The grid at ``path`` is taller than the same grid without a note, and red text fills those extra rows."""
+    grid = Image.open(path)
+    plain = Image.open(demo.save_grid(str(tmp_path / "plain.png"), torch.zeros(3, size, size),
+                                      torch.zeros(groups, 3, size, size), ["x"] * groups,
+                                      title=grid.text.get("Title", "")))
+    assert grid.size[0] == plain.size[0] and grid.height > plain.height
+    a = np.asarray(grid.convert("RGB")).astype(int)[plain.height - 4:]  # the rows the note added
+    red = (a[..., 0] > 100) & (a[..., 1] < 90) & (a[..., 2] < 90)
+    assert red.any(axis=1).sum() >= 5, "no red note under the faces"
+
+
+def test_demo_picture_of_an_untrained_model_says_so_and_the_heads_read_apart(tmp_path):
+    report = demo.run_demo(None, str(tmp_path / "out"), backbone="ir34", log=lambda s: None)
+    grid = Image.open(report["files"]["grid"])
+    assert "UNTRAINED MODEL" in grid.text["Warning"] and "random initialization" in grid.text["Warning"]
+    assert "NOT a trained model" in grid.text["Title"]
+    _assert_red_note_under_the_faces(report["files"]["grid"], tmp_path, 112, 7)
+    labels = report["group_labels"]
+    title = demo.demo_title(dict(report, predicted_age=48.3, group_of_predicted_age=4, predicted_group=0), "m")
+    assert title == f"age head: 48.3 years (group {labels[4]}); group head: {labels[0]} (the two heads disagree). " \
+                    f"Model: m"
+    agree = demo.demo_title(dict(report, predicted_age=5.0, group_of_predicted_age=0, predicted_group=0), "m")
+    assert "disagree" not in agree and f"(group {labels[0]}); group head: {labels[0]}" in agree
+
+
+def test_folder_grids_of_an_untrained_model_say_so(tmp_path):
+    from mtlface_fast.folder import run_folder
+    from skimage import data
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(data.astronaut()).resize((200, 200), Image.BILINEAR).save(photos / "astronaut.png")
+    run_folder(str(photos), str(tmp_path / "out"), backbone="ir34", synthesize=True, progress=False,
+               log=lambda s: None)
+    face = json.loads((tmp_path / "out" / "index.jsonl").read_text().splitlines()[0])["faces"][0]
+    grid = Image.open(tmp_path / "out" / face["grid"])
+    assert "UNTRAINED MODEL" in grid.text["Warning"], grid.text
+    _assert_red_note_under_the_faces(tmp_path / "out" / face["grid"], tmp_path, 112, 7)
+
+
 # -- 5. errors that name the argument -------------------------------------------------------------------------------
 def test_generator_or_estimator_without_official_weights_is_refused(tmp_path, capsys, model):
     from mtlface_fast.loading import load_model
@@ -218,4 +285,43 @@ def test_tpami_noise_and_generator_arguments_are_checked(reference):
     torch.testing.assert_close(m.synthesize(x, 1, noise=shared),  # (1, 1, r, r): one map shared by the batch
                                m.synthesize(x, 1, noise=[t.expand(2, -1, -1, -1) for t in shared]), rtol=0, atol=0)
 
+
+def test_ctrl_c_during_run_says_where_and_that_a_rerun_resumes(model, tmp_path, capsys, monkeypatch):
+    from mtlface_fast import folder as F
+    weights = model.save_pretrained(str(tmp_path / "w"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(4):
+        Image.fromarray(_photo(30, 30, seed=i)).save(photos / f"p{i}.png")  # no face: fast
+    real_align = A.FaceAligner.align
+    calls = []
+
+    def interrupted(self, image, keep="largest"):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_align(self, image, keep)
+
+    monkeypatch.setattr(A.FaceAligner, "align", interrupted)
+    out = tmp_path / "out"
+    argv = ["run", str(photos), "--out", str(out), "--weights", weights, "--no-progress"]
+    try:
+        rc = main(argv)
+    except KeyboardInterrupt as exc:  # (a regression must fail this test, not stop the test session)
+        pytest.fail(f"Ctrl-C escaped the command as {exc!r}")
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "interrupted at photo 3 of 4 (p2.png); 2 photo(s) are recorded" in err and "rerun" in err
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    with pytest.raises(F.RunInterrupted) as info:  # a KeyboardInterrupt for library callers
+        calls.clear()
+        F.run_folder(str(photos), str(tmp_path / "lib"), weights=weights, progress=False, log=lambda s: None)
+    assert isinstance(info.value, KeyboardInterrupt)
+    monkeypatch.setattr(A.FaceAligner, "align", real_align)
+    assert main(argv) == 0
+    assert "2 file(s) to process" in capsys.readouterr().out
+    assert sorted(json.loads(line)["photo"] for line in (out / "index.jsonl").read_text().splitlines()) == \
+        [f"p{i}.png" for i in range(4)]
+    assert os.path.isfile(out / "run.json") and json.loads((out / "run.json").read_text())["status"] == "done"
 
