@@ -325,3 +325,17 @@ def test_ctrl_c_during_run_says_where_and_that_a_rerun_resumes(model, tmp_path, 
         [f"p{i}.png" for i in range(4)]
     assert os.path.isfile(out / "run.json") and json.loads((out / "run.json").read_text())["status"] == "done"
 
+
+# -- 8. where the benchmark writes ----------------------------------------------------------------------------------
+def test_bench_help_says_where_results_go():
+    import argparse
+
+    from mtlface_fast.benchmark import RESULTS_DIR
+    from mtlface_fast.cli import build_parser
+    from mtlface_fast.throughput import add_arguments
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    text = " ".join(p.format_help().split())
+    assert RESULTS_DIR in text and "./bench_results from an install" in text
+    top = " ".join(build_parser().format_help().split())
+    assert "bench/results in a checkout, ./bench_results from an install" in top
