@@ -164,8 +164,9 @@ def check_device(device, name: str = "device"):
 def check_train_batch(images: torch.Tensor, module: torch.nn.Module, name: str = "images") -> None:
     """A batch of one sample through a module whose BatchNorm1d layers are in train mode (the embedding layer's)
     cannot be normalized by its own statistics: refuse it with a message that says so (BatchNorm's own says
-    "Expected more than 1 value per channel"). Cheap for every other batch: only B == 1 looks at the modules."""
-    if images.dim() == 0 or images.size(0) != 1 or _is_compiling():
+    "Expected more than 1 value per channel"). Free for every other call: only B == 1 on a model in train mode
+    looks at the modules (``model.eval()`` puts every module in eval mode)."""
+    if images.dim() == 0 or images.size(0) != 1 or not module.training or _is_compiling():
         return
     if any(isinstance(m, torch.nn.BatchNorm1d) and m.training for m in module.modules()):
         raise ValueError(f"{name} is a batch of 1, but the model is in train mode: its BatchNorm1d layers "
