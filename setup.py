@@ -34,7 +34,7 @@ setup(
     install_requires=[
         "torch>=2.4,<2.15",
         "numpy",
-        "Pillow",
+        "Pillow>=10.1",  # ImageFont.load_default(size=...): the grids' TrueType label font
         "tqdm",
         "nvtx",
         "safetensors",

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from .mtcnn import AlignExtraMissing, load_mtcnn  # noqa: F401  (AlignExtraMissing: part of this API)
 
@@ -46,26 +46,15 @@ def template(size: int = 112) -> np.ndarray:
 def load_image(item, name: str = "image") -> np.ndarray:
     """A photo as (H, W, 3) uint8 RGB: a path, a PIL image, a uint8 numpy array ((H, W), (H, W, 1|3|4)) or a
     tensor ((C, H, W) with C in 1, 3, 4, or (H, W); uint8 or float in [0, 1]). Grayscale is repeated, alpha
-    dropped, a file's EXIF orientation applied. Bad input raises ValueError / TypeError / FileNotFoundError
-    naming ``name`` (or the file)."""
+    dropped; files are read by :func:`mtlface_fast.preprocess.read_image` (EXIF orientation applied, 16-bit and
+    float images scaled) and PIL images converted by :func:`mtlface_fast.preprocess.to_rgb`. Bad input raises
+    ValueError / TypeError / FileNotFoundError naming ``name`` (or the file)."""
+    from .preprocess import FLOAT_RANGE, read_image, to_rgb
+
     if isinstance(item, (str, os.PathLike)):
-        path = os.fspath(item)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{name}: image file not found: {path}")
-        if os.path.getsize(path) == 0:
-            raise ValueError(f"cannot read image {path}: the file is empty")
-        try:
-            with Image.open(path) as img:
-                img = ImageOps.exif_transpose(img)
-                arr = np.array(img.convert("RGB"), dtype=np.uint8)
-        except UnidentifiedImageError as exc:
-            raise ValueError(f"cannot read image {path}: not an image file that Pillow can read") from exc
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise ValueError(f"cannot read image {path}: {exc}") from exc
+        arr = np.array(read_image(item, name=name), dtype=np.uint8)
     elif isinstance(item, Image.Image):
-        if item.width == 0 or item.height == 0:
-            raise ValueError(f"{name} is empty (size {item.size})")
-        arr = np.array(item.convert("RGB"), dtype=np.uint8)
+        arr = np.array(to_rgb(item, name), dtype=np.uint8)
     elif isinstance(item, torch.Tensor):
         x = item.detach().cpu()
         if x.dim() == 2:
@@ -78,6 +67,10 @@ def load_image(item, name: str = "image") -> np.ndarray:
         elif x.is_floating_point():
             if not torch.isfinite(x).all():
                 raise ValueError(f"{name}: the tensor photo has NaN or infinite values")
+            lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
+            if lo < FLOAT_RANGE[0] or hi > FLOAT_RANGE[1]:
+                raise ValueError(f"{name}: float tensor photos must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
+                                 f"(pass uint8 for [0, 255] pixels)")
             x = (x.float().clamp(0, 1) * 255.0).round().to(torch.uint8)
         else:
             raise TypeError(f"{name}: tensor photos must be uint8 or float in [0, 1], got dtype {x.dtype}")

@@ -24,8 +24,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def check_file(path, what: str = "checkpoint") -> str:
-    """``path`` as a string if it is a non-empty regular file; else a FileNotFoundError / CheckpointError."""
-    path = os.fspath(path)
+    """``path`` as a string if it is a non-empty regular file; else a FileNotFoundError / CheckpointError (a
+    TypeError when ``path`` is not a path at all)."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"{what} must be a file path (str or os.PathLike), got {type(path).__name__}: {path!r:.60}")
+    path = os.fsdecode(os.fspath(path))
     if os.path.isdir(path):
         raise CheckpointError(f"{what} {path} is a directory, expected a file (a folder written by save_pretrained "
                               f"loads with MTLFace.from_pretrained)")
@@ -58,9 +61,15 @@ def torch_load(path, what: str = "checkpoint"):
 
 
 def load_safetensors(path, what: str = "weights file", device: str = "cpu") -> Dict[str, torch.Tensor]:
-    """``safetensors.torch.load_file`` with errors that name the file."""
+    """``safetensors.torch.load_file`` with errors that name the file; ``device`` (where the tensors go) must
+    exist on this machine (a ValueError, not a "corrupt file" error, for ``"cuda"`` without CUDA)."""
     from safetensors.torch import load_file
 
+    from .validation import check_device
+
+    device = check_device(device, "map_location")
+    if device is None:
+        raise ValueError("map_location must be a device such as 'cpu' or 'cuda', got None")
     path = check_file(path, what)
     try:
         return load_file(path, device=str(device))
@@ -121,6 +130,9 @@ def load_state_file(path_or_state, what: str = "checkpoint") -> Dict[str, torch.
     """
     if isinstance(path_or_state, Mapping):
         state = path_or_state
+    elif not isinstance(path_or_state, (str, bytes, os.PathLike)):
+        raise TypeError(f"{what} must be a file path or a state dict (a mapping of tensors), got "
+                        f"{type(path_or_state).__name__}: {path_or_state!r:.60}")
     else:
         state = torch_load(path_or_state, what)
         what = f"{what} {os.fspath(path_or_state)}"

@@ -83,9 +83,16 @@ def _add_run(sub):
 
     def run(args):
         from .folder import run_folder
-        run_folder(args.photos, args.out, args.weights, args.generator, args.estimator, args.backbone,
-                   args.seed, args.device, args.batch_size, "all" if args.all_faces else "largest",
-                   args.synthesize, args.detector, args.min_face_size, progress=not args.no_progress)
+        try:
+            run_folder(args.photos, args.out, args.weights, args.generator, args.estimator, args.backbone,
+                       args.seed, args.device, args.batch_size, "all" if args.all_faces else "largest",
+                       args.synthesize, args.detector, args.min_face_size, progress=not args.no_progress)
+        except KeyboardInterrupt as exc:  # Ctrl-C: where it stopped and how to resume, not a traceback
+            if args.debug:
+                raise
+            print(f"\nmtlface-fast run: {exc or 'interrupted; rerun the same command to resume'}",
+                  file=sys.stderr)
+            return 130
         return 0
 
     p = sub.add_parser("run", help="every photo of a folder: aligned faces, embeddings, ages, age grids (align extra)",
@@ -109,7 +116,8 @@ def _add_bench(sub):
         from .throughput import execute
         return execute(args)
 
-    p = sub.add_parser("bench", help="whole-model throughput vs the reference (JSON + PNG under bench/results)",
+    p = sub.add_parser("bench", help="whole-model throughput vs the reference (JSON + PNG under bench/results "
+                       "in a checkout, ./bench_results from an install)",
                        formatter_class=argparse.RawTextHelpFormatter, populate=populate)
     p.set_defaults(func=run)
 

@@ -76,6 +76,21 @@ def to_uint8(img: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 0).numpy()
 
 
+LABEL_FONT_SIZE = 12
+
+
+def label_font(size: int = LABEL_FONT_SIZE):
+    """The font of the grids' titles, labels and notes: Pillow's bundled TrueType font at ``size`` pixels (its
+    10-pixel default renders a space 2 pixels wide, and kerning closes that: "NOT a" reads "NOTa")."""
+    from PIL import ImageFont
+    return ImageFont.load_default(size=size)
+
+
+def untrained_note(source: str) -> str:
+    """The line a picture made by an untrained model carries (``source``: :func:`load_model`'s description)."""
+    return f"UNTRAINED MODEL: {source}. Its ages and aged faces are meaningless; load trained weights (--weights)."
+
+
 def wrap_text(draw: ImageDraw.ImageDraw, text: str, width: int) -> list:
     """``text`` split into lines no wider than ``width`` pixels (at word boundaries; long words are cut)."""
     lines, line = [], ""
@@ -99,18 +114,24 @@ def wrap_text(draw: ImageDraw.ImageDraw, text: str, width: int) -> list:
 
 
 def save_grid(path: str, source: torch.Tensor, aged: torch.Tensor, labels, title: str = "", note: str = "") -> str:
-    """A PNG row: the input, then each age group, labelled underneath; ``title`` above and ``note`` below,
-    both wrapped to the picture's width."""
+    """A PNG row: the input, then each age group, labelled underneath; ``title`` above and ``note`` below (in
+    red), both wrapped to the picture's width. The PNG's text chunks hold them too ("Title", and "Warning" for
+    the note), for a reader that looks at the file's metadata."""
+    from PIL import PngImagePlugin
+
     size = source.shape[-1]
-    pad, text_h = 4, 14
+    font = label_font()
+    pad, text_h = 4, LABEL_FONT_SIZE + 4
     cols = 1 + aged.shape[0]
     width = cols * (size + pad) + pad
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    draw.font = font
     title_lines = wrap_text(draw, title, width - 2 * pad) if title else []
     note_lines = wrap_text(draw, note, width - 2 * pad) if note else []
     top = pad + text_h * len(title_lines)
     canvas = Image.new("RGB", (width, top + size + pad + text_h * (1 + len(note_lines)) + pad), "white")
     draw = ImageDraw.Draw(canvas)
+    draw.font = font
     for k, line in enumerate(title_lines):
         draw.text((pad, 1 + k * text_h), line, fill="black")
     for i, (img, label) in enumerate([(source, "input")] + list(zip(aged, labels))):
@@ -119,19 +140,36 @@ def save_grid(path: str, source: torch.Tensor, aged: torch.Tensor, labels, title
         draw.text((x + 2, top + size + 1), label, fill="black")
     for k, line in enumerate(note_lines):
         draw.text((pad, top + size + pad + (1 + k) * text_h), line, fill=(160, 0, 0))
+    info = PngImagePlugin.PngInfo()
+    if title:
+        info.add_text("Title", title)
+    if note:
+        info.add_text("Warning", note)
     from .checkpoint import atomic_write
-    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG", pnginfo=info))
+
+
+def demo_title(report: dict, source: str) -> str:
+    """The demo picture's title: both heads' answers, each with its group's years, and the model's source.
+
+    The age head (DEX expectation) and the group head (a separate classifier) can disagree, most of all in an
+    untrained model; the title says so rather than printing two answers that read as one contradiction."""
+    labels, age = report["group_labels"], report["predicted_age"]
+    g_age, g_head = report["group_of_predicted_age"], report["predicted_group"]
+    heads = f"age head: {age:.1f} years (group {labels[g_age]}); group head: {labels[g_head]}"
+    if g_age != g_head:
+        heads += " (the two heads disagree)"
+    return f"{heads}. Model: {source}"
 
 
 def run_demo(image=None, out: str = "demo_out", weights: Optional[str] = None, generator: Optional[str] = None,
              estimator: Optional[str] = None, backbone: str = "ir50", device: str = "cpu", seed: int = 0,
              log=print) -> dict:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but CUDA is not available; use --device cpu")
+    from .validation import check_device
+    dev = check_device(device, "--device")
     face = image if image is not None else default_face()
     if isinstance(face, (str, os.PathLike)):  # read (and check) the image before building the model
-        face = read_image(face)
+        face = read_image(face, name="--image")
     model, source = load_model(weights, generator, estimator, backbone, seed)
     if weights is None:
         log(f"NOTE: no --weights given; using a {source}. Ages and aged faces are meaningless.")
@@ -175,14 +213,15 @@ def run_demo(image=None, out: str = "demo_out", weights: Optional[str] = None, g
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
     os.makedirs(out, exist_ok=True)
-    note = ""
+    notes = [untrained_note(source)] if weights is None else []
     if unchanged:
-        note = (f"The aged faces equal the input (largest change {max_residual:.2g}, below one grey level): the "
-                f"generator renders input + residual, and " + ("a random generator's residual is ~0; load trained "
-                "weights (--weights) to see synthesis." if weights is None else "this generator's residual is ~0."))
-    age_line = (f"age head {age:.1f} years, group head {labels[report['predicted_group']]}")
+        notes.append(f"The aged faces equal the input (largest change {max_residual:.2g}, below one grey level): the "
+                     f"generator renders input + residual, and " + ("a random generator's residual is ~0."
+                                                                    if weights is None else
+                                                                    "this generator's residual is ~0."))
+    note = " ".join(notes)
     grid = save_grid(os.path.join(out, "demo_grid.png"), x[0], aged[0], labels,
-                     title=f"{age_line} ({source})", note=note)
+                     title=demo_title(report, source), note=note)
     from .checkpoint import atomic_write
     js = os.path.join(out, "demo.json")
     atomic_write(js, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=2) + "\n"))
@@ -191,7 +230,7 @@ def run_demo(image=None, out: str = "demo_out", weights: Optional[str] = None, g
     log(f"age head: {age:.1f} years (group {g_age}, {labels[g_age]}); group head: group {g_head} "
         f"({labels[g_head]}); embedding norm {report['embedding_norm']:.3f}; encode {encode_ms:.0f} ms, "
         f"{age_group} ages {synth_ms:.0f} ms on {dev}")
-    if note:
-        log("NOTE: " + note)
+    for n in notes[1:] if weights is None else notes:  # the untrained model's note was logged above
+        log("NOTE: " + n)
     log(f"wrote {grid} and {js}")
     return report

@@ -25,6 +25,11 @@ from typing import Callable, Dict, List, Optional
 INDEX, EMBEDDINGS, RUN, PARTS = "index.jsonl", "embeddings.npy", "run.json", ".embedding_parts"
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run_folder`: still a KeyboardInterrupt, with a message that says where the run stopped
+    and that a rerun with the same output folder resumes."""
+
+
 def list_photos(root: str, out: str) -> List[str]:
     """Every non-hidden file under ``root`` (sorted, relative, '/'-separated), ``out`` excluded."""
     root_abs, out_abs = os.path.abspath(root), os.path.abspath(out)
@@ -143,7 +148,7 @@ def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: 
 
     from .align import KEEP, FaceAligner, load_image
     from .checkpoint import atomic_write
-    from .demo import group_labels, save_grid
+    from .demo import group_labels, save_grid, untrained_note
     from .loading import load_model
     from .preprocess import preprocess
     from .reference.heads import age2group
@@ -156,9 +161,8 @@ def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: 
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but CUDA is not available; use --device cpu")
+    from .validation import check_device
+    dev = check_device(device, "--device")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a folder")
 
@@ -184,8 +188,10 @@ def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: 
                              f"use another --out")
     os.makedirs(out, exist_ok=True)
     _write_text(run_path, json.dumps({"settings": settings, "status": "running"}, indent=2) + "\n")
+    grid_note = ""
     if weights is None:
         log(f"NOTE: no --weights given; using a {source}. Embeddings, ages and aged faces are meaningless.")
+        grid_note = untrained_note(source)  # on every grid picture, where people look
 
     index_path = os.path.join(out, INDEX)
     records = {r["photo"]: r for r in _read_index(index_path)}
@@ -230,7 +236,7 @@ def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: 
                 if aged is not None:
                     f["grid"] = "grids/" + f["name"]
                     save_grid(os.path.join(out, f["grid"]), x[j], aged[j], labels,
-                              title=f"{f['name']}: predicted age {age:.1f}")
+                              title=f"{f['name']}: predicted age {age:.1f}", note=grid_note)
         start = store.append(np.concatenate(embs, axis=0))
         for i, f in enumerate(faces):
             f["embedding_row"] = start + i
@@ -240,8 +246,9 @@ def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: 
         crops.clear()
 
     from tqdm import tqdm
+    current = None
     try:
-        for rel in tqdm(todo, unit="photo", disable=not progress, dynamic_ncols=True):
+        for current, rel in enumerate(tqdm(todo, unit="photo", disable=not progress, dynamic_ncols=True)):
             rec: Dict = {"photo": rel}
             try:
                 arr = load_image(os.path.join(photos, rel), name=rel)
@@ -277,6 +284,12 @@ def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: 
             if len(crops) >= batch_size:
                 flush_batch()
         flush_batch()
+    except KeyboardInterrupt:
+        _write_text(run_path, json.dumps({"settings": settings, "status": "interrupted"}, indent=2) + "\n")
+        where = (f"at photo {current + 1} of {len(todo)} ({todo[current]})" if current is not None
+                 else "before the first photo")
+        raise RunInterrupted(f"interrupted {where}; {len(records)} photo(s) are recorded in {index_path} (those "
+                             f"of an unfinished batch are not); rerun the same command to resume") from None
     finally:
         index_fh.close()
         store.assemble()

@@ -31,6 +31,12 @@ def load_model(weights: Optional[str], generator: Optional[str] = None, estimato
 
     from .model import MTLFace
     model_cls = model_cls or MTLFace
+    extra = [opt for opt, value in (("--generator", generator), ("--estimator", estimator)) if value is not None]
+    if extra and (weights is None or os.path.isdir(weights)):
+        given = "no --weights" if weights is None else f"--weights {weights} (a saved model folder, which holds them)"
+        verb = "needs" if len(extra) == 1 else "need"
+        raise ValueError(f"{' and '.join(extra)} {verb} an official CVPR backbone checkpoint as --weights; with "
+                         f"{given}, {'it' if len(extra) == 1 else 'they'} would be ignored")
     if weights is None:
         torch.manual_seed(seed)
         return model_cls(backbone=backbone), f"random initialization (seed {seed}); NOT a trained model"

@@ -6,17 +6,56 @@ numpy, Pillow and torch are imported on first use: the package's ``__init__`` im
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 # Float tensor images are documented as [0, 1]; a margin absorbs the overshoot of a caller's own resampling.
 FLOAT_RANGE = (-0.1, 1.1)
 
 
-def _pil_to_uint8(img, size: int):
+# Pillow modes that hold more than 8 bits per sample, and the value that means white in each. Pillow's own
+# convert("RGB") clips them to 8 bits instead of scaling (a 16-bit PNG comes out almost white, a float TIFF black).
+HIGH_DEPTH_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def to_rgb(img, name: str = "image"):
+    """A PIL image of any mode as an 8-bit RGB PIL image; errors name ``name``.
+
+    16-bit images (modes ``I;16*``, and ``I`` with values in [0, 65535]: Pillow's mode for 16-bit grayscale
+    PNG and TIFF files) are scaled by 255 / 65535. Float images (mode ``F``, e.g. a 32-bit float TIFF) must
+    hold values in [0, 1] (within the margin of FLOAT_RANGE, clipped); other values are refused. Grayscale is
+    repeated, alpha dropped, palettes and CMYK converted by Pillow. An empty image (a side of 0) is refused.
+    """
     import numpy as np
     from PIL import Image
 
-    img = img.convert("RGB")
+    if img.width == 0 or img.height == 0:
+        raise ValueError(f"{name} is empty (size {img.width}x{img.height})")
+    if img.mode not in HIGH_DEPTH_MODES:
+        try:
+            return img.convert("RGB")
+        except (ValueError, OSError) as exc:  # a mode Pillow cannot convert (e.g. LAB, HSV without a matrix)
+            raise ValueError(f"{name}: cannot convert a Pillow image of mode {img.mode} to RGB ({exc})") from None
+    white = HIGH_DEPTH_MODES[img.mode]
+    values = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(f"{name}: the {img.mode}-mode image holds NaN or infinite values")
+    lo, hi = float(values.min()), float(values.max())
+    if img.mode == "F":
+        if lo < FLOAT_RANGE[0] or hi > FLOAT_RANGE[1]:
+            raise ValueError(f"{name}: a float image (mode F) must hold values in [0, 1], got values in "
+                             f"[{lo:.4g}, {hi:.4g}]; rescale it to [0, 1] or save it as 8- or 16-bit")
+    elif lo < 0 or hi > white:
+        raise ValueError(f"{name}: a 32-bit integer image (mode {img.mode}) is read as 16-bit (0 black, 65535 white), "
+                         f"got values in [{lo:.0f}, {hi:.0f}]; save it as 8- or 16-bit")
+    gray = np.rint(np.clip(values / white, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(gray)).convert("RGB")  # mode L (2-D) -> RGB
+
+
+def _pil_to_uint8(img, size: int, name: str = "image"):
+    import numpy as np
+    from PIL import Image
+
+    img = to_rgb(img, name)
     w, h = img.size
     if (w, h) != (size, size):
         if w != h:  # shorter side to `size` (the official notebook's Resize(112)), then a centre crop
@@ -30,20 +69,43 @@ def _pil_to_uint8(img, size: int):
     return np.asarray(img, dtype=np.uint8)
 
 
-def read_image(path):
-    """An image file as an RGB PIL image (decoded now), with errors that name the file."""
-    from PIL import Image
+def read_image(path, name: Optional[str] = None):
+    """An image file as an 8-bit RGB PIL image, decoded now: the one reader of every image path in the package.
+
+    The file's EXIF orientation is applied (a phone photo stored sideways is read upright), 16-bit and float
+    images are scaled (:func:`to_rgb`), and every failure is a ValueError (FileNotFoundError,
+    IsADirectoryError) that names the file: not an image, truncated, empty, or larger than Pillow's
+    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` pixels, twice that refused; between the two a
+    DecompressionBombWarning naming the file). ``name``, when given, prefixes the messages of a missing file or
+    a folder (e.g. ``--image``).
+    """
+    import warnings
+
+    from PIL import Image, ImageOps
 
     path = os.fspath(path)
+    prefix = f"{name}: " if name else ""
     if os.path.isdir(path):
-        raise IsADirectoryError(f"image path {path} is a directory, expected an image file")
+        raise IsADirectoryError(f"{prefix}image path {path} is a directory, expected an image file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: {path}")
+        raise FileNotFoundError(f"{prefix}image file not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"cannot read image file {path}: the file is empty")
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, SyntaxError) as exc:  # UnidentifiedImageError and truncated files are OSErrors
-        raise ValueError(f"cannot read image file {path}: not an image Pillow can decode ({exc})") from None
+        with Image.open(path) as img:  # Image.open raises DecompressionBombError (or warns) from the header
+            pixels = img.width * img.height
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"cannot read image file {path}: {exc} (a decompression bomb, or a photo larger than "
+                         f"PIL.Image.MAX_IMAGE_PIXELS allows)") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError and truncated files are OSErrors
+        raise ValueError(f"cannot read image file {path}: not an image file Pillow can decode ({exc})") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and pixels > limit:  # Pillow's own warning does not say which file
+        warnings.warn(f"image file {path} has {pixels} pixels, more than PIL.Image.MAX_IMAGE_PIXELS ({limit}): "
+                      f"a possible decompression bomb", Image.DecompressionBombWarning, stacklevel=2)
+    return to_rgb(img, f"image file {path}")
 
 
 def _one(item, size: int):
@@ -55,7 +117,7 @@ def _one(item, size: int):
     if isinstance(item, (str, os.PathLike)):
         arr = _pil_to_uint8(read_image(item), size)
     elif isinstance(item, Image.Image):
-        arr = _pil_to_uint8(item, size)
+        arr = _pil_to_uint8(item, size, name=f"PIL image (mode {item.mode})")
     elif isinstance(item, np.ndarray):
         if item.dtype != np.uint8:
             raise TypeError(f"numpy images must be uint8 (H, W, 3) or (H, W), got dtype {item.dtype}")
@@ -63,6 +125,8 @@ def _one(item, size: int):
             item = np.stack([item] * 3, axis=-1)
         if item.ndim != 3 or item.shape[2] not in (3, 4):
             raise ValueError(f"numpy images must have shape (H, W, 3) or (H, W), got {item.shape}")
+        if item.shape[0] == 0 or item.shape[1] == 0:
+            raise ValueError(f"numpy image is empty (shape {item.shape})")
         arr = _pil_to_uint8(Image.fromarray(np.ascontiguousarray(item[..., :3])), size)
     elif isinstance(item, torch.Tensor):
         return _tensor_images(item.unsqueeze(0) if item.dim() == 3 else item, size, single=True)[0]
@@ -97,6 +161,8 @@ def _tensor_images(x, size: int, single: bool = False):
     if x.dim() != 4 or x.size(1) != 3:
         want = "(3, H, W)" if single else "(B, 3, H, W) or (3, H, W)"
         raise ValueError(f"tensor images must have shape {want} (channels first), got {tuple(x.shape)}")
+    if x.size(0) == 0 or x.size(2) == 0 or x.size(3) == 0:
+        raise ValueError(f"tensor images are empty (shape {tuple(x.shape)})")
     if x.dtype == torch.uint8:
         x = x.float().div(255.0)
     elif x.is_floating_point():
@@ -125,15 +191,19 @@ def preprocess(images, size: int = 112, device=None, align: bool = False):
             (B, 3, H, W) (uint8 in [0, 255] or float in [0, 1]), or a list of these.
             Square images of another size are resized (bilinear); non-square ones have their
             shorter side resized to ``size`` and are centre-cropped. Faces should be aligned crops.
+            Files are read by :func:`read_image`: EXIF orientation applied, 16-bit images scaled by
+            255 / 65535, float images (mode F) accepted in [0, 1]. Empty images are refused.
         size: the model's input size (a positive multiple of 16; 112 for every official model).
-        device: where to put the result.
+        device: where to put the result (a device this machine has: ``"cuda"`` without CUDA is a ValueError).
         align: find the largest face of each photo with MTCNN and warp it onto the 5-point template
             (:mod:`mtlface_fast.align`, the ``align`` extra); a photo without a face raises ValueError.
     """
     import torch
 
     from .reference.backbone import check_input_size
+    from .validation import check_device
 
+    device = check_device(device)
     try:
         size = check_input_size(size)
     except ValueError:

@@ -19,14 +19,16 @@ noise maps); results go to ``throughput-<device>-<dtype>-tpami-*.json``.
 
 Each is warmed up, then the variants of a task and batch are timed in interleaved rounds (one call of
 each per round; CUDA events on GPU, wall clock on CPU), so that a drifting machine slows them alike. The
-JSON under bench/results/ holds medians and quantiles, images/s, ratios to the reference variants and
-peak memory (taken during the warm-up), and a PNG bar chart is written beside it.
+JSON (under ``--out``: bench/results in a checkout, ./bench_results when run from an install) holds medians
+and quantiles, images/s, ratios to the reference variants and peak memory (taken during the warm-up), and a
+PNG bar chart is written beside it.
 
 The JSON and PNG are rewritten as each task and batch completes (``"complete": false`` until the last), and
 each row is printed then, so an interrupted run keeps what it measured; the progress bar counts calls.
 The CPU default (batch 1, 1 warm-up and 3 timed calls per variant, ir50 at 112x112; train_step needs
-``--batch 2`` and is skipped at batch 1) is sized for 2 minutes
-on 2 idle cores; ``--batch 8 --iters 5`` gives steadier figures in several times that.
+``--batch 2`` and is skipped at batch 1) took 21.5 s of wall time on an idle 2-core machine and 146 s under
+a load average of 5-6 (both measured at an earlier commit): its duration follows the machine's load.
+``--batch 8 --iters 5`` gives steadier figures in several times that.
 """
 from __future__ import annotations
 
@@ -390,7 +392,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=non_negative_int, default=None, help="warm-up calls per variant (cpu 1, cuda 5)")
     p.add_argument("--iters", type=positive_int, default=None, help="timed calls per variant, >= 1 (cpu 3, cuda 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (0)")
-    p.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON and PNG (bench/results)")
+    p.add_argument("--out", default=RESULTS_DIR, help=f"folder for the JSON and PNG (here: {RESULTS_DIR}; "
+                   f"bench/results in a checkout, ./bench_results from an install, $MTLFACE_FAST_RESULTS_DIR "
+                   f"when set)")
     p.add_argument("--no-save", action="store_true", help="print only")
 
 

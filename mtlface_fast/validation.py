@@ -56,10 +56,14 @@ def check_image_values(images: torch.Tensor, name: str = "images", *, immediate:
 
 
 def check_images(images, *, input_size: int, device: torch.device, dtype: torch.dtype,
-                 name: str = "images", check_finite: bool = True) -> torch.Tensor:
+                 name: str = "images", check_finite: bool = True,
+                 module: "torch.nn.Module | None" = None) -> torch.Tensor:
     """Validate a batch of normalized images (B, 3, input_size, input_size) for a model on ``device``.
 
     ``check_finite``: also check the values (finite, within +-IMAGE_VALUE_LIMIT; see the module docstring).
+    ``module``: the model the batch goes through; a batch of 1 in train mode is refused (:func:`check_train_batch`).
+    Values inside the accepted range are not judged further: a [0, 1] batch that was never normalized passes
+    (it is a valid input, only darker); normalize with ``(x - 0.5) / 0.5`` or use ``mtlface_fast.preprocess``.
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, 3, {input_size}, {input_size}), "
@@ -83,6 +87,8 @@ def check_images(images, *, input_size: int, device: torch.device, dtype: torch.
                         f"cast the images or the model, or run under torch.autocast")
     if check_finite and not _is_compiling():
         check_image_values(images, name, immediate=immediate_checks(images))
+    if module is not None:
+        check_train_batch(images, module, name)
     return images
 
 
@@ -118,6 +124,83 @@ def check_target_group(target_group, *, batch: int, age_group: int, device: torc
         target_group = target_group.expand(batch)
     if target_group.dim() != 1 or target_group.size(0) != batch:
         raise ValueError(f"{name} must have shape ({batch},) to match the batch, got {tuple(target_group.shape)}")
+    if target_group.device.type not in (torch.device(device).type, "cpu"):
+        raise ValueError(f"{name} is on {target_group.device} but the model is on {device}; pass an int, or a "
+                         f"tensor on {device} or on the CPU")
     if not _is_compiling():
         check_group_values(target_group, age_group, name, immediate=immediate_checks(target_group))
     return target_group.to(device=device, dtype=torch.long)
+
+
+def check_device(device, name: str = "device"):
+    """``device`` (None, a string or a torch.device) as a torch.device that this machine has, or None.
+
+    A malformed string, or an accelerator that is not available (``"cuda"`` on a machine without CUDA),
+    raises a ValueError that names ``name`` (torch's own messages are an AssertionError deep in a copy).
+    """
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"{name} must be a device name such as 'cpu' or 'cuda', or a torch.device, "
+                        f"got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{name} {device!r} is not a device name such as 'cpu', 'cuda' or 'cuda:1' "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if dev.type in ("cpu", "meta"):
+        return dev
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is not None and not available():
+        raise ValueError(f"{name} {str(dev)!r} was requested but {dev.type.upper()} is not available on this "
+                         f"machine; use 'cpu'")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise ValueError(f"{name} {str(dev)!r} was requested but this machine has {count()} {dev.type} device(s)")
+    return dev
+
+
+def check_train_batch(images: torch.Tensor, module: torch.nn.Module, name: str = "images") -> None:
+    """A batch of one sample through a module whose BatchNorm1d layers are in train mode (the embedding layer's)
+    cannot be normalized by its own statistics: refuse it with a message that says so (BatchNorm's own says
+    "Expected more than 1 value per channel"). Free for every other call: only B == 1 on a model in train mode
+    looks at the modules (``model.eval()`` puts every module in eval mode)."""
+    if images.dim() == 0 or images.size(0) != 1 or not module.training or _is_compiling():
+        return
+    if any(isinstance(m, torch.nn.BatchNorm1d) and m.training for m in module.modules()):
+        raise ValueError(f"{name} is a batch of 1, but the model is in train mode: its BatchNorm1d layers "
+                         f"normalize with the batch's own statistics and need at least 2 samples; train with "
+                         f"batches of 2 or more, or call model.eval() for inference")
+
+
+def check_generator(generator, name: str = "generator") -> None:
+    """``generator`` is None or a ``torch.Generator`` (for ``noise="random"``)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator (for noise='random') or None, "
+                        f"got {type(generator).__name__}")
+
+
+def check_noise_maps(noise, shapes, device: torch.device, name: str = "noise") -> list:
+    """An explicit list of per-layer generator noise maps, checked against ``shapes`` ((B, 1, r, r) per layer):
+    each entry None (a fresh draw in that layer) or a floating tensor of shape (B, 1, r, r) or (1, 1, r, r)
+    (broadcast over the batch) on ``device``. Returns the list."""
+    if isinstance(noise, torch.Tensor) or not isinstance(noise, (list, tuple)):
+        raise TypeError(f"{name} must be 'stored', 'random' or a list of {len(shapes)} tensors (one per generator "
+                        f"layer, shapes {[tuple(s) for s in shapes]}), got {type(noise).__name__}")
+    noise = list(noise)
+    if len(noise) != len(shapes):
+        raise ValueError(f"{name} must hold {len(shapes)} tensors (one per generator layer), got {len(noise)}")
+    for i, (t, shape) in enumerate(zip(noise, shapes)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name}[{i}] must be a floating tensor of shape {tuple(shape)} or None, "
+                            f"got {type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
+        one = (1,) + tuple(shape[1:])
+        if tuple(t.shape) not in (tuple(shape), one):
+            raise ValueError(f"{name}[{i}] must have shape {tuple(shape)} (or {one}, shared by the batch), "
+                             f"got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name}[{i}] is on {t.device} but the model is on {device}; move it")
+    return noise

@@ -221,55 +221,146 @@ def test_joint_losses_decrease(joint_run):
     assert set(ckpt["optimizers"]) == {"fr", "g", "d"}
 
 
-def test_fas_adversarial_training(data, joint_run, tmp_path):
-    """FAS at the official weights (75 gan + 0.002 id + 10 age) against a run without the adversarial term.
+def _grad_error(a, b):
+    """||a - b|| / ||b|| over lists of tensors (float64 sums)."""
+    diff = sum(float((x.double() - y.double()).pow(2).sum()) for x, y in zip(a, b))
+    ref = sum(float(y.double().pow(2).sum()) for y in b)
+    return (diff / ref) ** 0.5
 
-    Both start from the joint run (its recognition networks were trained on young faces) on one fixed batch
-    of two old faces, every target the old group, same seeds. The adversarial term is not monotone over a
-    few steps, so the checks compare medians of the first and last four steps, and the two runs: with the
-    term on, the generator is pushed to fool the discriminator (its adversarial loss ends lower than
-    without) and the discriminator has a harder job (its loss ends higher); in both runs the discriminator's
-    loss falls and stays bounded; without the term the generator's supervised terms fall.
+
+def _norm(ts):
+    return sum(float(t.double().pow(2).sum()) for t in ts) ** 0.5
+
+
+def test_fas_adversarial_training(data, joint_run, tmp_path, monkeypatch):
+    """FAS at the official weights (75 gan + 0.002 id + 10 age), from the joint run, on one fixed batch of two old
+    faces (every target the old group).
+
+    GAN trajectories are not compared (their course follows the CPU's last bits and the thread count); what is
+    checked holds on any CPU:
+
+    * the generator's gradient in the recipe's first step is the official objective's gradient, recomputed here
+      from the same weights, batch and (updated) discriminator; the adversarial term's part of it reaches the
+      generator (the recipe's gradient minus the supervised terms' gradient is 75 x the LSGAN term's gradient);
+    * a few steps: every loss finite and bounded, only the generator changes, checkpoint and sample grid written;
+    * with gan_weight=0 the generator does not depend on the discriminator: a discriminator that learns ten times
+      faster (its losses differ) leaves the generator's losses and weights bitwise the same.
     """
+    import copy
+
+    import torch.nn.functional as F
+
+    from mtlface_fast.train.recipes import FASRecipe
+
     init = os.path.join(joint_run["output"], "last.pt")
     fixed, _, _ = _one_group(data, 3, tmp_path / "old.txt", limit=2)
-    runs = {}
-    for gan_weight in (75.0, 0.0):
-        out = tmp_path / f"gan{gan_weight:g}"
-        cfg = make_config("fas", dict(GAN, data=fixed, output=str(out), batch_size=2, num_iter=12, init=init,
-                                      sample_every=12 if gan_weight else 0, gan_weight=gan_weight, flip=False))
+    captured = {}
+    real_step, real_finish = FASRecipe.step, FASRecipe._finish
+
+    def step(self, batch, index):
+        if index == 0:  # the weights and the batch the first step starts from
+            captured["batch"] = {k: v.clone() for k, v in batch.items()}
+            captured["model"] = copy.deepcopy(self.model.state_dict())
+        return real_step(self, batch, index)
+
+    def finish(self, optimizer, scaler, params, logs, name):
+        if name == "g" and "grads" not in captured:  # the generator's gradient, before its optimizer steps
+            captured["grads"] = [p.grad.detach().clone() for p in self.generator.parameters()]
+            captured["discriminator"] = copy.deepcopy(self.discriminator)  # as the generator's pass used it
+        return real_finish(self, optimizer, scaler, params, logs, name)
+
+    monkeypatch.setattr(FASRecipe, "step", step)
+    monkeypatch.setattr(FASRecipe, "_finish", finish)
+
+    def run(name, steps, **kw):
+        cfg = make_config("fas", dict(GAN, data=fixed, output=str(tmp_path / name), batch_size=2, num_iter=steps,
+                                      init=init, flip=False, **kw))
         with pytest.warns(UserWarning, match="have no image"):
             hist = train(cfg)["history"]
+        assert len(hist) == steps
         for h in hist:
-            assert all(math.isfinite(v) for v in h.values()), (gan_weight, h)
-        med = {}
-        for key in ("d_loss", "gan_loss", "sup"):
-            xs = [h[key] if key != "sup" else cfg.id_weight * h["gid_loss"] + cfg.age_weight * h["gage_loss"]
-                  for h in hist]
-            med[key] = (statistics.median(xs[:4]), statistics.median(xs[-4:]))
-        # bounded: 0.5 is the loss of a discriminator that outputs 0 everywhere (where a fresh one starts)
-        assert max(h["d_loss"] for h in hist) < 1.0, (gan_weight, [h["d_loss"] for h in hist])
-        runs[gan_weight] = med
-        print(f"FAS gan_weight {gan_weight:g}, median of the first / last 4 steps: "
-              + ", ".join(f"{k} {a:.4g} -> {b:.4g}" for k, (a, b) in med.items()))
-    on, off = runs[75.0], runs[0.0]
-    for med in (on, off):
-        assert med["d_loss"][1] < 0.9 * med["d_loss"][0], runs
-    # Without the adversarial term the supervised objective must fall. With it (weight 75 against 0.002 and 10)
-    # the generator's first job is the discriminator, and its supervised terms need not fall over 12 steps;
-    # they must stay bounded.
-    assert off["sup"][1] < 0.8 * off["sup"][0], runs
-    assert on["sup"][1] < 2.0 * on["sup"][0], runs
-    assert on["gan_loss"][1] < 0.9 * off["gan_loss"][1], runs
-    assert on["d_loss"][1] > off["d_loss"][1], runs
+            assert all(math.isfinite(v) for v in h.values()), (name, h)
+        return cfg, hist
+
+    cfg, hist = run("gan75", 3, sample_every=3)
+    monkeypatch.setattr(FASRecipe, "step", real_step)
+    monkeypatch.setattr(FASRecipe, "_finish", real_finish)
+
+    # The first step's generator gradient against the official objective, written out here.
+    model = MTLFace(backbone=GAN["backbone"], input_size=GAN["input_size"], age_group=GAN["age_group"],
+                    sigma=GAN["sigma"])
+    model.load_state_dict(captured["model"])
+    model.backbone.eval()
+    model.estimation_network.eval()
+    model.generator.train()
+    disc = captured["discriminator"].eval()  # eval: the power iteration's vectors as the generator's pass left them
+    src, t = captured["batch"]["image"], captured["batch"]["target_group"]
+    assert (t == 3).all()
+    with torch.no_grad():
+        f = model.features(src)
+    fake = model._generate(src, f, t)
+    gan = 0.5 * ((disc(fake, t) - 1.0) ** 2).mean()
+    gf = model.features(fake)
+    sup = cfg.id_weight * F.mse_loss(gf.x_id, f.x_id) + cfg.age_weight * F.cross_entropy(
+        model.estimation_network(gf.x_age)[1], t)
+    params = list(model.generator.parameters())
+    g_adv = torch.autograd.grad(cfg.gan_weight * gan, params, retain_graph=True)
+    g_sup = torch.autograd.grad(sup, params)
+    total = [a + b for a, b in zip(g_adv, g_sup)]
+    recipe = captured["grads"]
+    assert float(gan.detach()) == pytest.approx(hist[0]["gan_loss"], rel=1e-5)
+    err = _grad_error(recipe, total)
+    share = _norm(g_adv) / _norm(total)
+    adv_err = _grad_error([r - s for r, s in zip(recipe, g_sup)], g_adv)
+    print(f"FAS first step: generator gradient vs the official objective {err:.2e} (norm-relative); adversarial share of its norm "
+          f"{share:.3f}, recovered to {adv_err:.2e}")
+    assert err < 1e-4, err
+    # the adversarial term reaches the generator: measured 0.43 (1 thread) and 0.62 (2 threads), whose joint runs
+    # (the init) differ
+    assert share > 0.05, share
+    assert adv_err < 1e-3, adv_err  # (measured 1.5e-6)
+
+    # A few steps: bounded losses (0.5 is the loss of a discriminator that outputs 0 everywhere), only the generator
+    # moves, checkpoint and samples.
+    assert max(h["d_loss"] for h in hist) < 1.0 and max(h["gan_loss"] for h in hist) < 1.0, hist
     _, before = _params(init)
     ckpt, after = _params(tmp_path / "gan75" / "last.pt")
     changed = {k.split(".")[0] for k in after if after[k].is_floating_point() and not torch.equal(after[k], before[k])}
     assert changed == {"generator"}, changed
     assert set(ckpt["optimizers"]) == {"g", "d"} and "discriminator" in ckpt["modules"]
     from PIL import Image
-    grid = Image.open(tmp_path / "gan75" / "samples" / "step_00000012.png")
+    grid = Image.open(tmp_path / "gan75" / "samples" / "step_00000003.png")
     assert grid.size == (48 * 5, 48 * 2)  # source + 4 groups, for each of the 2 faces
+
+    # gan_weight=0: the discriminator's learning rate changes its losses, not the generator.
+    runs = {d_lr: run(f"gan0_d{d_lr:g}", 3, gan_weight=0.0, d_lr=d_lr)[1] for d_lr in (1e-4, 1e-3)}
+    slow, fast = runs[1e-4], runs[1e-3]
+    assert [h["d_loss"] for h in slow][1:] != [h["d_loss"] for h in fast][1:]
+    for key in ("g_loss", "gid_loss", "gage_loss"):
+        assert [h[key] for h in slow] == [h[key] for h in fast], key
+    _, g_slow = _params(tmp_path / "gan0_d0.0001" / "last.pt", "generator.")
+    _, g_fast = _params(tmp_path / "gan0_d0.001" / "last.pt", "generator.")
+    assert all(torch.equal(g_slow[k], g_fast[k]) for k in g_slow)
+
+
+def test_fas_discriminator_fits_a_fixed_batch(data, tmp_path):
+    """The discriminator alone against a frozen generator (g_lr 0) on one fixed batch: plain Adam descent on one
+    objective, not a GAN trajectory. From a fresh discriminator (loss ~0.5) it halves its loss within a few steps
+    (measured with 1 and 2 threads alike: 0.510, 0.396, 0.309, 0.253, 0.248, 0.245); the bound below leaves a wide margin."""
+    fixed, _, _ = _one_group(data, 3, tmp_path / "old.txt", limit=2)
+    cfg = make_config("fas", dict(GAN, data=fixed, output=str(tmp_path / "dfit"), batch_size=2, num_iter=6,
+                                  g_lr=0.0, flip=False))
+    with pytest.warns(UserWarning, match="untrained backbone"):
+        hist = train(cfg)["history"]
+    d = [h["d_loss"] for h in hist]
+    print("FAS discriminator on a fixed batch, d_loss per step: " + ", ".join(f"{x:.4f}" for x in d))
+    assert all(math.isfinite(x) for x in d) and 0.3 < d[0] < 0.8, d
+    assert statistics.median(d[-3:]) < 0.75 * d[0], d
+    _, g0 = _params(tmp_path / "dfit" / "last.pt", "generator.")
+    model = build_model(cfg)
+    moved = [k for k, v in model.generator.state_dict().items()
+             if v.is_floating_point() and "running_" not in k and not torch.equal(v, g0["generator." + k])]
+    assert not moved, moved  # the generator did not move: every step saw the same fakes
 
 
 def test_joint_warns_when_running_statistics_lag(data, tmp_path):

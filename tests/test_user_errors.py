@@ -356,7 +356,6 @@ def test_demo_says_so_when_the_aged_faces_equal_the_input(small_model, tmp_path,
     assert report["max_residual"] == pytest.approx(shift, abs=1e-6)
     assert any(s.startswith("NOTE: The aged faces equal the input") for s in lines) is equal
     plain = demo.save_grid(str(tmp_path / "plain.png"), torch.zeros(3, 32, 32), torch.zeros(7, 3, 32, 32),
-                           report["group_labels"], title=f"age head {report['predicted_age']:.1f} years, group head "
-                           f"{report['group_labels'][report['predicted_group']]} (test model)")
+                           report["group_labels"], title=demo.demo_title(report, "test model"))
     taller = Image.open(report["files"]["grid"]).height > Image.open(plain).height
     assert taller is equal  # the note's lines on the picture

@@ -126,7 +126,7 @@ class MTLFace(nn.Module):
     def check_images(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` checked against the model: (B, 3, S, S), floating, on the model's device and dtype."""
         p = next(self.parameters())
-        return check_images(images, input_size=self.input_size, device=p.device, dtype=p.dtype)
+        return check_images(images, input_size=self.input_size, device=p.device, dtype=p.dtype, module=self)
 
     def precision(self, images, dtype=None):
         """The context a public call runs under for its ``dtype=`` argument: autocast to bf16/fp16 (a torch

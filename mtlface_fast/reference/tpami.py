@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nvtx import nvtx_range
+from ..validation import check_generator, check_noise_maps
 from .afd import AttentionModule
 from .backbone import AIResNet, check_backbone, check_input_size
 from .common import Architecture, Features, repeat_rows
@@ -237,6 +238,7 @@ class TPAMI(Architecture):
                    generator: Optional[torch.Generator] = None) -> List[Optional[torch.Tensor]]:
         """Per-layer generator noise for ``batch`` samples; see :meth:`MTLFace.make_noise`."""
         gen = model.decoder.decoder
+        check_generator(generator)
         if isinstance(noise, str):
             if noise not in NOISE_MODES:
                 raise ValueError(f"noise must be one of {NOISE_MODES} or a list of tensors, got {noise!r}")
@@ -250,7 +252,4 @@ class TPAMI(Architecture):
             dtype = gen.input.input.dtype
             return [torch.randn(s, generator=generator, device=generator.device).to(dev, dtype)
                     for s in gen.noise_shapes(batch)]
-        noise = list(noise)
-        if len(noise) != gen.num_layers:
-            raise ValueError(f"noise must hold {gen.num_layers} tensors, got {len(noise)}")
-        return noise
+        return check_noise_maps(noise, gen.noise_shapes(batch), gen.input.input.device)

@@ -109,14 +109,17 @@ def read_list_file(path: str, root: Optional[str] = None, *, check_files: bool =
 
 
 def load_image(path: str, size: int, flip: bool) -> torch.Tensor:
-    """The official transform: RGB, (flip), resize to size x size, [0, 1] -> normalize(0.5, 0.5): (3, S, S)."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if flip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.float32)
+    """The official transform: RGB, (flip), resize to size x size, [0, 1] -> normalize(0.5, 0.5): (3, S, S).
+
+    The file is read by :func:`mtlface_fast.preprocess.read_image` (EXIF orientation, 16-bit and float images)."""
+    from ..preprocess import read_image
+
+    img = read_image(path)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.float32)
     return torch.from_numpy(arr).permute(2, 0, 1).div(255.0).sub(0.5).div(0.5).contiguous()
 
 
