@@ -277,6 +277,8 @@ def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: 
                          f"got {device!r}")
     if engine == "local" and (address is not None or workers is not None):
         raise ValueError("--address and --workers are for --engine ray")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"--workers must be a positive int, got {workers!r}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a folder")
 
