@@ -178,3 +178,16 @@ def test_bad_input_is_named(tmp_path):
     assert main(["index", empty]) == 2
     with pytest.raises(FileNotFoundError, match="query photo or folder not found"):
         G.search_photos(str(tmp_path / "missing.jpg"), out)
+
+
+def test_the_core_never_imports_the_scale_engines():
+    """import mtlface_fast, the model, run's code and the command's parser stay free of ray, faiss and tritonclient."""
+    import subprocess
+    import sys
+    code = ("import sys, mtlface_fast; from mtlface_fast import folder, cli; cli.build_parser().parse_args(['index', "
+            "'x']); m = mtlface_fast.MTLFace(backbone='ir34'); "
+            "bad = sorted({k.split('.')[0] for k in sys.modules} & {'ray', 'faiss', 'tritonclient'}); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
