@@ -42,7 +42,8 @@ def two_faces():
 def make_photos(folder, extra: bool = True) -> str:
     """Photos with one face, two faces, none, a cat, and files that are not photos."""
     os.makedirs(os.path.join(str(folder), "sub"), exist_ok=True)
-    Image.fromarray(data.astronaut()).resize((200, 200), Image.BILINEAR).save(os.path.join(str(folder), "astronaut.png"))
+    Image.fromarray(data.astronaut()).resize((200, 200), Image.BILINEAR).save(
+        os.path.join(str(folder), "astronaut.png"))
     Image.fromarray(two_faces()).resize((300, 150), Image.BILINEAR).save(os.path.join(str(folder), "sub", "pair.jpg"),
                                                                          quality=95)
     if extra:

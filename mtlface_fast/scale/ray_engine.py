@@ -72,10 +72,11 @@ def ray_photo_batches(todo: List[str], photos: str, out: str, model_args: Dict, 
         ctx.enable_progress_bars = bool(progress)
         batch = int(work_args["batch_size"])
         ds = ray.data.from_items([{"photo": p} for p in todo], override_num_blocks=max(1, -(-len(todo) // batch)))
-        ds = ds.map_batches(PhotoActor, batch_size=batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+        ds = ds.map_batches(PhotoActor, batch_size=batch, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=workers),
                             fn_constructor_kwargs=dict(photos=os.path.abspath(photos), out=os.path.abspath(out),
-                                                         model_args=model_args, work_args=work_args, device=device),
-            **per_actor)
+                                                       model_args=model_args, work_args=work_args, device=device),
+                            **per_actor)
         for result in ds.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=1):
             records = [json.loads(s) for s in result["record"]]
             embs, row = [], 0

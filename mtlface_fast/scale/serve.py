@@ -305,7 +305,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", metavar="OUT", help="a run folder with a gallery (mtlface-fast index) for /v1/search")
     p.add_argument("--device", default=None, choices=("cpu", "cuda"), help="replicas' device (cpu)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas (1)")
-    p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE, help=f"faces per model batch ({MAX_BATCH_SIZE})")
+    p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
+                   help=f"faces per model batch ({MAX_BATCH_SIZE})")
     p.add_argument("--batch-wait-ms", type=float, default=BATCH_WAIT_MS,
                    help=f"longest wait for a batch to fill, ms ({BATCH_WAIT_MS:g})")
     p.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
