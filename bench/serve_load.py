@@ -4,8 +4,8 @@ Starts a local Ray and the service (mtlface_fast.scale.serve) with a seeded rand
 architecture (ir34 trunk unless --backbone, 112 px input; or --weights), sends a photo with one face
 (scikit-image's astronaut, 200x200 PNG) N times from C threads for each concurrency level, then stops the
 service. Every loop is bounded: N requests per level, a timeout per request and a deadline per level after which
-nothing more is sent. Reported per level: requests/s, p50/p99 latency, errors, and the batch sizes the model saw
-(the delta of /healthz's counts over the level).
+nothing more is sent. Reported per level: requests/s, p50/p99 latency, errors, the requests per batch and the
+faces per model call (the delta of /healthz's counts over the level).
 
     python bench/serve_load.py                              # the committed result: C = 1 and 8, N = 48
     python bench/serve_load.py --concurrency 1,4,16 --requests 64 --max-batch-size 16
@@ -39,8 +39,11 @@ def post(url, data, timeout):
 
 
 def batches(url):
+    """(requests per batch, faces per model call): /healthz's counts."""
     with urllib.request.urlopen(url + "/healthz", timeout=30) as r:
-        return Counter({int(k): v for k, v in json.loads(r.read())["batches"]["encode"].items()})
+        seen = json.loads(r.read())["batches"]
+    return (Counter({int(k): v for k, v in seen["faces"].items()}),
+            Counter({int(k): v for k, v in seen["model_faces"].items()}))
 
 
 def percentile(values, q):
@@ -111,19 +114,22 @@ def main():
             with ThreadPoolExecutor(c) as pool:
                 results = list(pool.map(one, range(args.requests)))
             wall = time.perf_counter() - start
-            seen = batches(url) - before
+            after = batches(url)
+            seen, model = after[0] - before[0], after[1] - before[1]
             ok = [t for s, t in results if s == 200]
             errors = Counter(str(s) for s, _ in results if s != 200)
-            faces = sum(size * n for size, n in seen.items())
+            requests_batched = sum(size * n for size, n in seen.items())
             rows.append({"concurrency": c, "requests": args.requests, "ok": len(ok), "errors": dict(errors),
                          "wall_s": round(wall, 3), "requests_per_s": round(len(ok) / wall, 3),
                          "p50_ms": round(1000 * percentile(ok, 50), 1) if ok else None,
                          "p99_ms": round(1000 * percentile(ok, 99), 1) if ok else None,
-                         "batch_sizes": {str(k): v for k, v in sorted(seen.items())},
-                         "mean_batch": round(faces / max(1, sum(seen.values())), 3)})
+                         "requests_per_batch": {str(k): v for k, v in sorted(seen.items())},
+                         "faces_per_model_call": {str(k): v for k, v in sorted(model.items())},
+                         "mean_requests_per_batch": round(requests_batched / max(1, sum(seen.values())), 3)})
             r = rows[-1]
             print(f"C={c:3d}: {r['requests_per_s']:7.2f} req/s  p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
-                  f"errors {r['errors'] or 0}  batches {r['batch_sizes']} (mean {r['mean_batch']})", flush=True)
+                  f"errors {r['errors'] or 0}  requests per batch {r['requests_per_batch']} "
+                  f"(mean {r['mean_requests_per_batch']}), faces per model call {r['faces_per_model_call']}", flush=True)
     finally:
         serve.stop(True)
     env = environment("cpu")

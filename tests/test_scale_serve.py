@@ -111,9 +111,11 @@ def test_concurrent_requests_are_batched(server):
         answers = list(pool.map(lambda _: request(url, data), range(8)))
     assert [a[0] for a in answers] == [200] * 8
     assert all(len(json.loads(a[2])["faces"]) == 2 for a in answers)
-    batches = json.loads(request(server["url"] + "/healthz")[2])["batches"]["encode"]
-    assert max(int(size) for size in batches) > 1  # the two faces of one request at least share a batch
-    assert max(int(size) for size in batches) <= 8  # --max-batch-size
+    batches = json.loads(request(server["url"] + "/healthz")[2])["batches"]
+    per_batch = [int(size) for size in batches["faces"]]
+    assert max(per_batch) > 1 and max(per_batch) <= 8  # requests in flight share a batch, up to --max-batch-size
+    assert sum(int(size) * n for size, n in batches["model_faces"].items()) >= 16  # 2 faces per request
+    assert max(int(size) for size in batches["model_faces"]) >= 2 * max(per_batch)
 
 
 def _bomb() -> bytes:

@@ -7,9 +7,11 @@ Endpoints (the request body is the image file's bytes: JPEG, PNG, ...):
     POST /v1/search?k=5            every face: box and its k nearest faces of the gallery (--index OUT/)
     POST /v1/synthesize?group=G    the largest face re-rendered at age group G, as a PNG
 
-Each face is detected and aligned as ``mtlface-fast run`` does it (MTCNN, 5-point template); the aligned crops of
-all requests in flight are encoded together: ``encode`` and ``synthesize`` are ``@serve.batch`` methods
-(``--max-batch-size``, ``--batch-wait-ms``), and ``/healthz`` counts the batch sizes the model saw. A bad
+Requests in flight are handled as one batch (``@serve.batch``, up to ``--max-batch-size`` requests, waiting at most
+``--batch-wait-ms`` for a batch to fill): each image's faces are detected and aligned as ``mtlface-fast run`` does
+it (MTCNN, 5-point template), and the crops of all images of the batch go through the model in one call.
+``/healthz`` counts the requests per batch (``faces``, ``synthesize``) and the faces per model call
+(``model_faces``, ``model_synthesize``). A bad
 request (empty, not an image, over ``--max-request-bytes``, over ``--max-pixels`` -- a decompression bomb --, a
 group outside the model's range, an unknown path or method) gets a 4xx JSON ``{"error": ...}`` that names the
 problem; the server goes on serving. Ctrl-C or SIGTERM (or ``--duration``) shuts Serve and Ray down.
@@ -28,7 +30,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from . import connect_ray, require
 
@@ -124,8 +126,11 @@ class FaceModel:
             return self.aligner.align(arr, keep=keep)
 
     def encode(self, crops) -> List[Dict]:
+        """One model batch: embedding, age, group of each aligned crop."""
         from ..preprocess import preprocess
         from ..reference.heads import age2group
+        if not crops:
+            return []
         x = preprocess(list(crops), size=self.size, device=self.device)
         with self.model_lock, self.torch.inference_mode():
             enc = self.model.encode(x)
@@ -134,11 +139,23 @@ class FaceModel:
                  "group": int(age2group(float(enc.age[j]), self.age_groups)),
                  "predicted_group": int(enc.group_logits[j].argmax())} for j in range(len(crops))]
 
+    def faces_of_images(self, arrs) -> Tuple[List[List[Dict]], int]:
+        """Every face of every image, the crops of all images encoded as one model batch; (per image, faces)."""
+        found = [self.faces(arr, "all") for arr in arrs]
+        encoded = iter(self.encode([f.crop for faces in found for f in faces]))
+        out = [[{"face": k, "box": [round(float(v), 2) for v in f.box],
+                 "landmarks": [[round(float(v), 2) for v in p] for p in f.landmarks],
+                 "score": round(f.score, 5), **next(encoded)} for k, f in enumerate(faces)] for faces in found]
+        return out, sum(len(f) for f in found)
+
     def synthesize(self, crops, groups: List[int]) -> List[bytes]:
+        """One model batch: each crop re-rendered at its group, as PNG bytes."""
         import numpy as np
         from PIL import Image
 
         from ..preprocess import preprocess
+        if not crops:
+            return []
         x = preprocess(list(crops), size=self.size, device=self.device)
         g = self.torch.tensor(groups, dtype=self.torch.long, device=self.device)
         with self.model_lock, self.torch.inference_mode():
@@ -151,6 +168,13 @@ class FaceModel:
             pngs.append(buf.getvalue())
         return pngs
 
+    def synthesize_images(self, arrs, groups: List[int]) -> Tuple[List[Optional[bytes]], int]:
+        """The largest face of each image at its group (None where there is no face); one model batch."""
+        faces = [self.faces(arr, "largest") for arr in arrs]
+        have = [i for i, f in enumerate(faces) if f]
+        pngs = iter(self.synthesize([faces[i][0].crop for i in have], [groups[i] for i in have]))
+        return [next(pngs) if f else None for f in faces], len(have)
+
 
 def service_class():
     """The Ray Serve deployment class (built here so that parsing ``serve --help`` does not import Ray)."""
@@ -161,20 +185,26 @@ def service_class():
         def __init__(self, model_args: Dict, options: Dict):
             self.core = FaceModel(model_args, options)
             self.options = options
-            self.batches = {"encode": Counter(), "synthesize": Counter()}
-            for method in (self.encode_batch, self.synthesize_batch):
+            # requests per batch, and faces per model call, for each batched method
+            self.batches = {k: Counter() for k in ("faces", "synthesize", "model_faces", "model_synthesize")}
+            for method in (self.faces_batch, self.synthesize_batch):
                 method.set_max_batch_size(int(options["max_batch_size"]))
                 method.set_batch_wait_timeout_s(float(options["batch_wait_ms"]) / 1000.0)
 
         @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_MS / 1000.0)
-        async def encode_batch(self, crops: List) -> List[Dict]:
-            self.batches["encode"][len(crops)] += 1
-            return await asyncio.to_thread(self.core.encode, crops)
+        async def faces_batch(self, arrs: List) -> List[List[Dict]]:
+            out, n = await asyncio.to_thread(self.core.faces_of_images, arrs)
+            self.batches["faces"][len(arrs)] += 1
+            self.batches["model_faces"][n] += 1
+            return out
 
         @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_MS / 1000.0)
-        async def synthesize_batch(self, items: List) -> List[bytes]:
+        async def synthesize_batch(self, items: List) -> List[Optional[bytes]]:
+            out, n = await asyncio.to_thread(self.core.synthesize_images, [a for a, _ in items],
+                                             [g for _, g in items])
             self.batches["synthesize"][len(items)] += 1
-            return await asyncio.to_thread(self.core.synthesize, [c for c, _ in items], [g for _, g in items])
+            self.batches["model_synthesize"][n] += 1
+            return out
 
         async def _image(self, request):
             limit = int(self.options["max_request_bytes"])
@@ -188,14 +218,9 @@ def service_class():
                     raise RequestError(413, f"the request body is more than the limit of {limit} bytes")
             return await asyncio.to_thread(decode_image, bytes(body), int(self.options["max_pixels"]))
 
-        async def _faces(self, request, keep: str = "all"):
+        async def _faces(self, request):
             arr = await self._image(request)
-            faces = await asyncio.to_thread(self.core.faces, arr, keep)
-            results = await asyncio.gather(*(self.encode_batch(f.crop) for f in faces))
-            out = [{"face": k, "box": [round(float(v), 2) for v in f.box],
-                    "landmarks": [[round(float(v), 2) for v in p] for p in f.landmarks],
-                    "score": round(f.score, 5), **r} for k, (f, r) in enumerate(zip(faces, results))]
-            return arr, out
+            return arr, await self.faces_batch(arr)
 
         def health(self) -> Dict:
             return {"status": "ok", "model": self.core.source, "config": self.core.model.config,
@@ -229,11 +254,9 @@ def service_class():
                                                     "matches": m} for f, m in zip(faces, matches)]})
                 group = parse_int(request.query_params, "group", None, 0, self.core.age_groups - 1,
                                   f"the target age group, one of {self.core.labels}")
-                arr = await self._image(request)
-                faces = await asyncio.to_thread(self.core.faces, arr, "largest")
-                if not faces:
+                png = await self.synthesize_batch((await self._image(request), group))
+                if png is None:
                     raise RequestError(422, "no face found in the image")
-                png = await self.synthesize_batch((faces[0].crop, group))
                 return Response(png, media_type="image/png", headers={"X-Age-Group": self.core.labels[group]})
             except RequestError as exc:
                 return JSONResponse({"error": exc.message, "status": exc.status}, status_code=exc.status)
