@@ -120,7 +120,9 @@ def main():
         "benchmark": "gallery", "environment": env, "parameters": vars(args),
         "data": "synthetic, clustered: identities around broad groups, faces around identities (see clustered()); "
                 "queries are new faces of gallery identities, never added",
-        "results": results,
+        "results": [dict({"index": k}, **{f: v for f, v in r.items() if f not in ("tuning", "heldout_sweep")})
+                    for k, r in results.items()],
+        "ivf_tuning": results["ivf"]["tuning"], "ivf_heldout_sweep": results["ivf"]["heldout_sweep"],
         "memory_per_million_faces_gib": {k: round(r["bytes_per_face"] * 1e6 / 2 ** 30, 3) for k, r in results.items()},
     })
     print(f"wrote {path}")

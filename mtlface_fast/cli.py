@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_tool(sub, "eval", "eval.runner", "verification, identification, age and synthesis metrics (JSON + Markdown)")
     _add_tool(sub, "export", "export.command",
-              "ONNX file, AOTInductor package or TensorRT engine of recognition/synthesis")
+              "ONNX file, AOTInductor package or TensorRT engine of recognition/synthesis, or a Triton "
+              "Inference Server model repository")
     _add_train(sub)
     _add_tool(sub, "index", "scale.gallery", "FAISS gallery of a run folder's faces, built or grown (scale extra)",
               add="add_index_arguments", execute="execute_index")
