@@ -49,12 +49,18 @@ setup(
         # The Triton kernels run on CUDA tensors only. CUDA builds of torch bring their own matching triton,
         # so a CPU install needs none; the test suite runs the kernels in the Triton interpreter on CPU.
         "test": ["pytest", "onnx", "onnxruntime", "onnxscript", "PyYAML", "facenet-pytorch>=2.5.3,!=2.6.*",
-                 "torchvision<0.29", "triton>=3.0; platform_system == 'Linux'"],
+                 "torchvision<0.29", "triton>=3.0; platform_system == 'Linux'",
+                 "ray[serve,data]", "faiss-cpu", "tritonclient[grpc]"],
         # photo -> aligned face: MTCNN and its weights (shipped in the wheel); 2.6.x pins torch<2.3 and numpy<2
         "align": ["facenet-pytorch>=2.5.3,!=2.6.*"],
         "triton": ["triton>=3.0; platform_system == 'Linux'"],
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "trt": ["torch-tensorrt"],
+        # beyond one machine: FAISS galleries (index/search), Ray Data (run --engine ray), Ray Serve (serve),
+        # Triton Inference Server repositories (export --target triton-repo: ONNX files; tritonclient's
+        # model_config_pb2 checks the config.pbtxt files). The face detector comes with the align extra.
+        "scale": ["ray[serve,data]", "faiss-cpu", "tritonclient[grpc]", "onnx", "onnxruntime", "onnxscript",
+                  "facenet-pytorch>=2.5.3,!=2.6.*"],
     },
     entry_points={"console_scripts": ["mtlface-fast = mtlface_fast.cli:main"]},
     classifiers=[

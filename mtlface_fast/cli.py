@@ -1,4 +1,5 @@
-"""The ``mtlface-fast`` command: ``demo``, ``run``, ``bench``, ``train``, ``eval``, ``export``.
+"""The ``mtlface-fast`` command: ``demo``, ``run``, ``bench``, ``train``, ``eval``, ``export``, ``index``,
+``search``, ``serve``.
 
 Parsing is light: a subcommand's options (and the torch-importing module that defines them) are loaded only
 when that subcommand is parsed, so ``mtlface-fast --help`` does not import torch. Known errors (bad
@@ -71,8 +72,13 @@ def _add_run(sub):
         p.add_argument("photos", metavar="PHOTOS", help="folder of photos (searched recursively)")
         p.add_argument("--out", required=True, help="output folder (a rerun with it resumes)")
         add_model_arguments(p)
-        p.add_argument("--device", default="cpu", help="cpu or cuda: the model and the detector (cpu)")
+        p.add_argument("--device", default=None, help="cpu or cuda: the model and the detector (local: cpu; ray: "
+                       "cuda when the cluster has GPUs)")
         p.add_argument("--batch-size", type=int, default=32, help="faces per model batch (32)")
+        p.add_argument("--engine", default="local", choices=("local", "ray"),
+                       help="local: this process; ray: Ray Data actors, one model each (the scale extra)")
+        p.add_argument("--address", help="ray: the cluster to join (default: start a local Ray)")
+        p.add_argument("--workers", type=int, help="ray: model actors (default: one per GPU, else per CPU)")
         p.add_argument("--all-faces", action="store_true", help="every face of a photo (default: the largest)")
         p.add_argument("--synthesize", action="store_true", help="also render each face at every age group (PNG)")
         p.add_argument("--min-face-size", type=int, default=20, help="smallest face searched, in pixels (20)")
@@ -86,7 +92,8 @@ def _add_run(sub):
         try:
             run_folder(args.photos, args.out, args.weights, args.generator, args.estimator, args.backbone,
                        args.seed, args.device, args.batch_size, "all" if args.all_faces else "largest",
-                       args.synthesize, args.detector, args.min_face_size, progress=not args.no_progress)
+                       args.synthesize, args.detector, args.min_face_size, progress=not args.no_progress,
+                       engine=args.engine, address=args.address, workers=args.workers)
         except KeyboardInterrupt as exc:  # Ctrl-C: where it stopped and how to resume, not a traceback
             if args.debug:
                 raise
@@ -142,17 +149,18 @@ def _add_train(sub):
     p.set_defaults(func=run)
 
 
-def _add_tool(sub, name: str, module: str, help: str):
-    """A subcommand whose arguments and ``execute(args)`` live in ``mtlface_fast.<module>`` (loaded lazily)."""
+def _add_tool(sub, name: str, module: str, help: str, add: str = "add_arguments", execute: str = "execute"):
+    """A subcommand whose arguments (``add(parser)``) and ``execute(args)`` live in ``mtlface_fast.<module>``
+    (loaded lazily)."""
     import importlib
 
     def populate(p):
         mod = importlib.import_module(f"{__package__}.{module}")
         p.description = mod.__doc__
-        mod.add_arguments(p)
+        getattr(mod, add)(p)
 
     p = sub.add_parser(name, help=help, formatter_class=argparse.RawTextHelpFormatter, populate=populate)
-    p.set_defaults(func=lambda args: importlib.import_module(f"{__package__}.{module}").execute(args))
+    p.set_defaults(func=lambda args: getattr(importlib.import_module(f"{__package__}.{module}"), execute)(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,8 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_tool(sub, "eval", "eval.runner", "verification, identification, age and synthesis metrics (JSON + Markdown)")
     _add_tool(sub, "export", "export.command",
-              "ONNX file, AOTInductor package or TensorRT engine of recognition/synthesis")
+              "ONNX file, AOTInductor package or TensorRT engine of recognition/synthesis, or a Triton "
+              "Inference Server model repository")
     _add_train(sub)
+    _add_tool(sub, "index", "scale.gallery", "FAISS gallery of a run folder's faces, built or grown (scale extra)",
+              add="add_index_arguments", execute="execute_index")
+    _add_tool(sub, "search", "scale.gallery", "the K nearest gallery faces of every face in a photo or folder "
+              "(JSONL; scale extra)", add="add_search_arguments", execute="execute_search")
+    _add_tool(sub, "serve", "scale.serve", "HTTP service on Ray Serve with request batching: faces, search, "
+              "synthesis (scale extra)")
     return parser
 
 

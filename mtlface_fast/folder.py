@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 INDEX, EMBEDDINGS, RUN, PARTS = "index.jsonl", "embeddings.npy", "run.json", ".embedding_parts"
 
@@ -137,41 +137,152 @@ def _face_name(photo: str, k: int) -> str:
     return f"{photo}_{k}.png"  # the whole name: a.jpg and a.png are two photos
 
 
-def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: Optional[str] = None,
-               estimator: Optional[str] = None, backbone: str = "ir50", seed: int = 0, device: str = "cpu",
-               batch_size: int = 32, keep: str = "largest", synthesize: bool = False, detector: str = "auto",
-               min_face_size: int = 20, progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Process every photo of ``photos`` into ``out`` (see the module docstring); returns run.json's content."""
-    import numpy as np
-    import torch
-    from PIL import Image
+class PhotoWork:
+    """The per-batch work of ``run`` (both engines) and ``search``: photos -> index records and embeddings.
 
-    from .align import KEEP, FaceAligner, load_image
-    from .checkpoint import atomic_write
-    from .demo import group_labels, save_grid, untrained_note
+    One model and one face aligner; :meth:`__call__` reads each photo, finds and aligns its faces, writes the
+    crops (and with ``synthesize`` the age-group grids) under ``out`` when one is given, and encodes the faces in
+    slices of ``batch_size``. A record's faces carry ``embedding_row``: the row of the returned array, counted
+    from 0 for this call (the caller shifts it to the row of embeddings.npy).
+    """
+
+    def __init__(self, model, aligner, *, keep: str = "largest", batch_size: int = 32, synthesize: bool = False,
+                 min_face_size: int = 20, grid_note: str = ""):
+        from .demo import group_labels
+        self.model, self.aligner, self.grid_note = model, aligner, grid_note
+        self.keep, self.batch_size, self.synthesize, self.min_face_size = keep, batch_size, synthesize, min_face_size
+        self.size = int(model.config["input_size"])
+        self.age_groups = int(model.config["age_group"])
+        self.labels = group_labels(self.age_groups)
+        self.device = next(model.parameters()).device
+
+    def __call__(self, photos: str, rels: Sequence[str], out: Optional[str] = None) -> Tuple[List[dict], "object"]:
+        """Photos ``rels`` (relative to the folder ``photos``) -> (records, embeddings (faces, D) float32)."""
+        import numpy as np
+
+        records, crops = [], []
+        for rel in rels:
+            rec, faces = self.read_photo(photos, rel, out)
+            records.append(rec)
+            crops.extend(faces)
+        faces = [f for r in records for f in r["faces"]]
+        embs = [self.encode(crops[s:s + self.batch_size], faces[s:s + self.batch_size], out)
+                for s in range(0, len(crops), self.batch_size)]
+        for i, f in enumerate(faces):
+            f["embedding_row"] = i
+            del f["name"]
+        emb = np.concatenate(embs, axis=0) if embs else np.zeros((0, 512), np.float32)
+        return records, emb
+
+    def read_photo(self, photos: str, rel: str, out: Optional[str]):
+        """One photo -> (its record, its aligned crops): status ``ok``, ``no_face``, ``unreadable`` or ``error``."""
+        from PIL import Image
+
+        from .align import load_image
+        from .checkpoint import atomic_write
+        rec: Dict = {"photo": rel}
+        try:
+            arr = load_image(os.path.join(photos, rel), name=rel)
+        except (ValueError, TypeError, OSError) as exc:
+            rec.update(status="unreadable", reason=str(exc), faces=[])
+            return rec, []
+        rec.update(width=int(arr.shape[1]), height=int(arr.shape[0]))
+        try:
+            faces = self.aligner.align(arr, keep=self.keep)
+        except (ValueError, RuntimeError) as exc:  # a photo the detector or the warp cannot handle
+            rec.update(status="error", reason=f"face detection failed: {exc}", faces=[])
+            return rec, []
+        if not faces:
+            small = min(arr.shape[:2]) < self.min_face_size
+            rec.update(status="no_face", faces=[],
+                       reason=(f"image {arr.shape[1]}x{arr.shape[0]} is smaller than the smallest face searched "
+                               f"({self.min_face_size} px)") if small else "no face found")
+            return rec, []
+        rec.update(status="ok", faces=[])
+        for k, face in enumerate(faces):
+            name = _face_name(rel, k)
+            entry = {"face": k, "name": name, "box": [round(float(v), 2) for v in face.box],
+                     "landmarks": [[round(float(v), 2) for v in p] for p in face.landmarks],
+                     "score": round(face.score, 5)}
+            if out is not None:
+                crop_path = os.path.join(out, "faces", name)
+                os.makedirs(os.path.dirname(crop_path), exist_ok=True)
+                atomic_write(crop_path, lambda tmp, c=face.crop: Image.fromarray(c).save(tmp, format="PNG"))
+                entry["crop"] = "faces/" + name
+            rec["faces"].append(entry)
+        return rec, [f.crop for f in faces]
+
+    def encode(self, crops, faces: List[dict], out: Optional[str]):
+        """One model batch: ages and groups into ``faces``, grids under ``out``; returns the embeddings."""
+        import torch
+
+        from .demo import save_grid
+        from .preprocess import preprocess
+        from .reference.heads import age2group
+        x = preprocess(list(crops), size=self.size, device=self.device)
+        with torch.inference_mode():
+            enc = self.model.encode(x)
+            aged = self.model.synthesize_all_ages(x) if self.synthesize and out is not None else None
+        for j, f in enumerate(faces):
+            age = float(enc.age[j])
+            f["predicted_age"] = round(age, 3)
+            f["age_group"] = int(age2group(age, self.age_groups))
+            f["predicted_group"] = int(enc.group_logits[j].argmax())
+            if aged is not None:
+                f["grid"] = "grids/" + f["name"]
+                save_grid(os.path.join(out, f["grid"]), x[j], aged[j], self.labels,
+                          title=f"{f['name']}: predicted age {age:.1f}", note=self.grid_note)
+        return enc.embedding.float().cpu().numpy()
+
+
+ENGINES = ("local", "ray")
+
+
+def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: Optional[str] = None,
+               estimator: Optional[str] = None, backbone: str = "ir50", seed: int = 0, device: Optional[str] = None,
+               batch_size: int = 32, keep: str = "largest", synthesize: bool = False, detector: str = "auto",
+               min_face_size: int = 20, progress: bool = True, log: Callable[[str], None] = print,
+               engine: str = "local", address: Optional[str] = None, workers: Optional[int] = None) -> dict:
+    """Process every photo of ``photos`` into ``out`` (see the module docstring); returns run.json's content.
+
+    ``engine="local"`` runs the model here on ``device`` (default cpu); ``engine="ray"`` spreads the photos over
+    ``workers`` Ray Data actors, one model each, on the cluster at ``address`` (default: a local Ray), on GPUs
+    when ``device`` is cuda or, by default, when the cluster has them (:mod:`mtlface_fast.scale.ray_engine`).
+    The output files are the same.
+    """
+    import numpy as np
+
+    from .align import KEEP, FaceAligner
+    from .demo import group_labels, untrained_note
     from .loading import load_model
-    from .preprocess import preprocess
-    from .reference.heads import age2group
+    from .validation import check_device
 
     from .mtcnn import facenet_location
     facenet_location()  # the align extra, before the model loads
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if not os.path.isdir(photos):
         raise FileNotFoundError(f"photo folder not found: {photos}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if keep not in KEEP:
         raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
-    from .validation import check_device
-    dev = check_device(device, "--device")
+    if engine == "local":
+        dev = check_device(device or "cpu", "--device")
+    elif device not in (None, "cpu", "cuda"):  # the actors' device: one GPU each, or none
+        raise ValueError(f"--device for --engine ray must be cpu or cuda (default: cuda when the cluster has GPUs), "
+                         f"got {device!r}")
+    if engine == "local" and (address is not None or workers is not None):
+        raise ValueError("--address and --workers are for --engine ray")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"--workers must be a positive int, got {workers!r}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} exists and is not a folder")
 
     model, source = load_model(weights, generator, estimator, backbone, seed)
-    model = model.to(dev).eval()
+    model = model.to(dev if engine == "local" else "cpu").eval()  # ray: the driver reads the config only
     size = int(model.config["input_size"])
-    age_groups = int(model.config["age_group"])
-    labels = group_labels(age_groups)
-    aligner = FaceAligner(size=size, device=dev, detector=detector, min_face_size=min_face_size)
+    labels = group_labels(int(model.config["age_group"]))
     settings = {"model": source, "config": model.config, "input_size": size, "keep": keep,
                 "synthesize": bool(synthesize), "min_face_size": min_face_size,
                 "detector": "mtcnn (facenet-pytorch weights)"}
@@ -204,93 +315,50 @@ def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: 
     _write_text(index_path, "".join(json.dumps(r) + "\n" for r in records.values()))
 
     todo = [p for p in list_photos(photos, out) if p not in records]
-    log(f"{len(todo)} file(s) to process in {photos} ({len(records)} already done in {out}); "
-        f"faces aligned to {size}x{size} by the {aligner.detector} MTCNN on {dev}, batches of {batch_size}")
-
-    index_fh = open(index_path, "a", encoding="utf-8")
-    pending: List[dict] = []  # records whose faces wait for the model
-    crops: List[np.ndarray] = []
-
-    def write(recs):
-        for r in recs:
-            index_fh.write(json.dumps(r) + "\n")
-            records[r["photo"]] = r
-        index_fh.flush()
-
-    def flush_batch():
-        if not pending:
-            return
-        faces = [f for r in pending for f in r["faces"]]
-        embs = []
-        for s in range(0, len(faces), batch_size):
-            x = preprocess(crops[s:s + batch_size], size=size, device=dev)
-            with torch.inference_mode():
-                enc = model.encode(x)
-                aged = model.synthesize_all_ages(x) if synthesize else None
-            embs.append(enc.embedding.float().cpu().numpy())
-            for j, f in enumerate(faces[s:s + batch_size]):
-                age = float(enc.age[j])
-                f["predicted_age"] = round(age, 3)
-                f["age_group"] = int(age2group(age, age_groups))
-                f["predicted_group"] = int(enc.group_logits[j].argmax())
-                if aged is not None:
-                    f["grid"] = "grids/" + f["name"]
-                    save_grid(os.path.join(out, f["grid"]), x[j], aged[j], labels,
-                              title=f"{f['name']}: predicted age {age:.1f}", note=grid_note)
-        start = store.append(np.concatenate(embs, axis=0))
-        for i, f in enumerate(faces):
-            f["embedding_row"] = start + i
-            del f["name"]
-        write(pending)
-        pending.clear()
-        crops.clear()
+    work_options = dict(keep=keep, batch_size=batch_size, synthesize=bool(synthesize), min_face_size=min_face_size,
+                        grid_note=grid_note)
+    if engine == "local":
+        aligner = FaceAligner(size=size, device=dev, detector=detector, min_face_size=min_face_size)
+        log(f"{len(todo)} file(s) to process in {photos} ({len(records)} already done in {out}); "
+            f"faces aligned to {size}x{size} by the {aligner.detector} MTCNN on {dev}, batches of {batch_size}")
+        work = PhotoWork(model, aligner, **work_options)
+        chunks = (work(photos, todo[s:s + batch_size], out) for s in range(0, len(todo), batch_size))
+    else:
+        from .scale.ray_engine import ray_photo_batches
+        del model
+        log(f"{len(todo)} file(s) to process in {photos} ({len(records)} already done in {out}); "
+            f"faces aligned to {size}x{size}, batches of {batch_size}, on Ray Data")
+        chunks = ray_photo_batches(todo, photos, out, dict(weights=weights, generator=generator, estimator=estimator,
+                                                             backbone=backbone, seed=seed),
+                                   dict(work_options, detector=detector), device=device, address=address,
+                                   workers=workers, log=log, progress=progress)
 
     from tqdm import tqdm
-    current = None
+    index_fh = open(index_path, "a", encoding="utf-8")
+    bar = tqdm(total=len(todo), unit="photo", disable=not progress, dynamic_ncols=True)
     try:
-        for current, rel in enumerate(tqdm(todo, unit="photo", disable=not progress, dynamic_ncols=True)):
-            rec: Dict = {"photo": rel}
-            try:
-                arr = load_image(os.path.join(photos, rel), name=rel)
-            except (ValueError, TypeError, OSError) as exc:
-                rec.update(status="unreadable", reason=str(exc), faces=[])
-                write([rec])
-                continue
-            rec.update(width=int(arr.shape[1]), height=int(arr.shape[0]))
-            try:
-                faces = aligner.align(arr, keep=keep)
-            except (ValueError, RuntimeError) as exc:  # a photo the detector or the warp cannot handle
-                rec.update(status="error", reason=f"face detection failed: {exc}", faces=[])
-                write([rec])
-                continue
-            if not faces:
-                small = min(arr.shape[:2]) < min_face_size
-                rec.update(status="no_face", faces=[],
-                           reason=(f"image {arr.shape[1]}x{arr.shape[0]} is smaller than the smallest face searched "
-                                   f"({min_face_size} px)") if small else "no face found")
-                write([rec])
-                continue
-            rec.update(status="ok", faces=[])
-            for k, face in enumerate(faces):
-                name = _face_name(rel, k)
-                crop_path = os.path.join(out, "faces", name)
-                os.makedirs(os.path.dirname(crop_path), exist_ok=True)
-                atomic_write(crop_path, lambda tmp, c=face.crop: Image.fromarray(c).save(tmp, format="PNG"))
-                rec["faces"].append({"face": k, "name": name, "box": [round(float(v), 2) for v in face.box],
-                                     "landmarks": [[round(float(v), 2) for v in p] for p in face.landmarks],
-                                     "score": round(face.score, 5), "crop": "faces/" + name})
-                crops.append(face.crop)
-            pending.append(rec)
-            if len(crops) >= batch_size:
-                flush_batch()
-        flush_batch()
+        for recs, emb in chunks:
+            if emb.shape[0]:  # a batch's part is on disk before the index lines that refer to it
+                start = store.append(np.ascontiguousarray(emb, dtype=np.float32))
+                for r in recs:
+                    for f in r["faces"]:
+                        f["embedding_row"] += start
+            for r in recs:
+                index_fh.write(json.dumps(r) + "\n")
+                records[r["photo"]] = r
+            index_fh.flush()
+            bar.update(len(recs))
     except KeyboardInterrupt:
         _write_text(run_path, json.dumps({"settings": settings, "status": "interrupted"}, indent=2) + "\n")
-        where = (f"at photo {current + 1} of {len(todo)} ({todo[current]})" if current is not None
-                 else "before the first photo")
-        raise RunInterrupted(f"interrupted {where}; {len(records)} photo(s) are recorded in {index_path} (those "
-                             f"of an unfinished batch are not); rerun the same command to resume") from None
+        done_now = len(records)
+        raise RunInterrupted(f"interrupted after {bar.n} of {len(todo)} photo(s) of this run; {done_now} photo(s) "
+                             f"are recorded in {index_path} (those of an unfinished batch are not); rerun the same "
+                             f"command to resume") from None
     finally:
+        bar.close()
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
         index_fh.close()
         store.assemble()
 

@@ -158,7 +158,8 @@ def test_implementation_is_chosen_once_and_listed(loaded, monkeypatch):
     assert calls == [], "a call chose an implementation again"
     model.train().eval()  # a mode change: chosen again, once per layer, at the next call
     _outputs(model, _x())
-    n_fused = len(model.fused_layers())
+    # layers whose implementation depends on the backend (the folded trunk unit is PyTorch on every one)
+    n_fused = sum(1 for _, m in model.fused_layers() if not isinstance(m, FastBottleneckIR))
     assert len(calls) == n_fused
     _outputs(model, _x())
     assert len(calls) == n_fused

@@ -16,14 +16,16 @@ import time
 
 import torch
 
-TARGET_SUFFIX = {"onnx": ".onnx", "aoti": ".pt2", "tensorrt": ".engine"}
+TARGET_SUFFIX = {"onnx": ".onnx", "aoti": ".pt2", "tensorrt": ".engine", "triton-repo": ""}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..loading import add_model_arguments
     from .program import DTYPES, ENTRIES
     from .tensorrt import OP_MODES
-    p.add_argument("--target", required=True, choices=sorted(TARGET_SUFFIX), help="onnx, aoti or tensorrt")
+    p.add_argument("--target", required=True, choices=sorted(TARGET_SUFFIX),
+                   help="onnx, aoti, tensorrt, or triton-repo (a Triton Inference Server model repository folder "
+                        "with both entries)")
     p.add_argument("--entry", default="recognition", choices=ENTRIES,
                    help="recognition (images -> embedding, age) or synthesis (images, target_group -> image)")
     p.add_argument("--out", required=True, help="artifact path (.onnx / .pt2 / .engine)")
@@ -38,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tensorrt: fused ops as aten decompositions (default) or as TensorRT plugins")
     p.add_argument("--program", help="tensorrt: also save the compiled exported program here (.pt2)")
     p.add_argument("--verify", action="store_true", help="load the artifact and compare it with PyTorch")
+    g = p.add_argument_group("triton-repo")
+    g.add_argument("--instance-kind", default="gpu", choices=("gpu", "cpu"), help="instance_group kind (gpu)")
+    g.add_argument("--instance-count", type=int, default=1, help="instances per device (1)")
+    g.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batching's longest queue delay (2000)")
 
 
 def _load(target: str, path: str):
@@ -78,6 +84,13 @@ def execute(args) -> int:
     dtype = args.dtype or ("fp16" if args.target == "tensorrt" else "fp32")
     model, what = load_model_from_args(args)
     print(f"model: {what}")
+    if args.target == "triton-repo":
+        from ..scale.triton_repo import export_triton_repo
+        done = export_triton_repo(model, args.out, max_batch=args.max_batch, kind=args.instance_kind,
+                                  count=args.instance_count, queue_delay_us=args.queue_delay_us)
+        print(f"wrote {args.out}: {', '.join(done['models'])}"
+              + (f" (no TensorRT plans: {done['tensorrt']})" if done["tensorrt"] else ""))
+        return 0
     batches = dict(min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch)
     start = time.perf_counter()
     if args.target == "onnx":
