@@ -21,32 +21,16 @@ from .fold import bn_scale_shift, fold_bn
 from .fused import FusedLayer
 
 
-class FoldCache:
-    """Memoizes a function of a fused layer's weights, rebuilt when its weights version moves."""
-
-    def __init__(self):
-        self._key = None
-        self._value = None
-
-    def get(self, module: FusedLayer, build):
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and
-                                             any(p.requires_grad for p in module.parameters())):
-            return build()  # differentiable / traceable: no cached tensors
-        key = module.weights_version()
-        if key != self._key:
-            with torch.no_grad():
-                self._value = build()
-            self._key = key
-        return self._value
-
-
 class FastBottleneckIR(FusedLayer, BottleneckIR):
     """Drop-in :class:`BottleneckIR` (same state dict) with BN folding at inference."""
 
     def __init__(self, in_channel: int, depth: int, stride: int, se: bool = False):
         super().__init__(in_channel, depth, stride, se)
         self.stride = stride
-        self._folds: Dict[Tuple[torch.dtype, torch.dtype], FoldCache] = {}
+        self._conv_shortcut = not isinstance(self.shortcut_layer, nn.MaxPool2d)
+        self._has_se = len(self.res_layer) > 6
+        # (weights version, operands) per (input dtype, convolution dtype)
+        self._folds: Dict[Tuple[torch.dtype, torch.dtype], Tuple[object, Dict[str, torch.Tensor]]] = {}
 
     def choose_implementation(self) -> str:
         return "torch"  # the folded unit is plain PyTorch on every backend
@@ -55,38 +39,48 @@ class FastBottleneckIR(FusedLayer, BottleneckIR):
         return "torch (BatchNorm folded at inference)"
 
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.shortcut_layer, nn.MaxPool2d):
-            return x if self.stride == 1 else x[:, :, ::self.stride, ::self.stride]
-        return self.shortcut_layer(x)
+        if self._conv_shortcut:
+            return self.shortcut_layer(x)
+        return x if self.stride == 1 else x[:, :, ::self.stride, ::self.stride]
 
-    def _build(self) -> Dict[str, torch.Tensor]:
+    def _build(self, in_dtype: torch.dtype, conv_dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+        """The folded operands: the leading BN's (1, C, 1, 1) scale and shift in the input dtype, the convolution
+        weights and biases in the convolution dtype, and the PReLU weight (the parameter itself)."""
         r = self.res_layer
         s0, t0 = bn_scale_shift(r[0])
         w1, b1 = fold_bn(r[1].weight, r[2])
         w2, b2 = fold_bn(r[4].weight, r[5])
-        out = dict(s0=s0, t0=t0, w1=w1, b1=b1, w2=w2, b2=b2)
-        if not isinstance(self.shortcut_layer, nn.MaxPool2d):
-            out["ws"], out["bs"] = fold_bn(self.shortcut_layer[0].weight, self.shortcut_layer[1])
+        out = dict(s0=s0.view(1, -1, 1, 1).to(in_dtype), t0=t0.view(1, -1, 1, 1).to(in_dtype), w1=w1.to(conv_dtype),
+                   b1=b1.to(conv_dtype), w2=w2.to(conv_dtype), b2=b2.to(conv_dtype), a=r[3].weight)
+        if self._conv_shortcut:
+            ws, bs = fold_bn(self.shortcut_layer[0].weight, self.shortcut_layer[1])
+            out["ws"], out["bs"] = ws.to(conv_dtype), bs.to(conv_dtype)
         return out
+
+    def _operands(self, in_dtype: torch.dtype, conv_dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+        """:meth:`_build`, cached per weights version and dtype pair (so autocast runs no weight casts per
+        call); built inline (differentiable, traceable) under torch.compile or when a parameter wants a
+        gradient."""
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and
+                                             any(p.requires_grad for p in self.parameters())):
+            return self._build(in_dtype, conv_dtype)
+        version = self.weights_version()
+        entry = self._folds.get((in_dtype, conv_dtype))
+        if entry is None or entry[0] != version:
+            with torch.no_grad():
+                entry = self._folds[(in_dtype, conv_dtype)] = (version, self._build(in_dtype, conv_dtype))
+        return entry[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             return self.res_layer(x) + self._shortcut(x)
-        dt = x.dtype if not torch.is_autocast_enabled(x.device.type) else \
-            torch.get_autocast_dtype(x.device.type)
-        # Folded operands already cast to the input dtype (affine) and the convolution dtype (weights):
-        # one cache per dtype pair, so autocast runs no weight casts per call.
-        cache = self._folds.setdefault((x.dtype, dt), FoldCache())
-        p = cache.get(self, lambda: {k: v.to(x.dtype if k in ("s0", "t0") else dt) for k, v in self._build().items()})
-        r = self.res_layer
-        y = torch.addcmul(p["t0"].view(1, -1, 1, 1), x, p["s0"].view(1, -1, 1, 1))  # the leading BN: one op
-        y = F.conv2d(y, p["w1"], p["b1"], 1, 1)
-        y = r[3](y)
+        dev = x.device.type
+        p = self._operands(x.dtype, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype)
+        y = torch.addcmul(p["t0"], x, p["s0"])  # the leading BN: one op
+        y = F.prelu(F.conv2d(y, p["w1"], p["b1"], 1, 1), p["a"])  # nn.PReLU's own call
         y = F.conv2d(y, p["w2"], p["b2"], self.stride, 1)
-        if len(r) > 6:
-            y = r[6](y)
-        if "ws" in p:
-            sc = F.conv2d(x, p["ws"], p["bs"], self.stride)
-        else:
-            sc = self._shortcut(x)
-        return y + sc
+        if self._has_se:
+            y = self.res_layer[6](y)
+        if self._conv_shortcut:
+            return y + F.conv2d(x, p["ws"], p["bs"], self.stride)
+        return y + (x if self.stride == 1 else x[:, :, ::self.stride, ::self.stride])
