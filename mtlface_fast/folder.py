@@ -155,6 +155,7 @@ class PhotoWork:
         self.age_groups = int(model.config["age_group"])
         self.labels = group_labels(self.age_groups)
         self.device = next(model.parameters()).device
+        self.current: Optional[str] = None
 
     def __call__(self, photos: str, rels: Sequence[str], out: Optional[str] = None) -> Tuple[List[dict], "object"]:
         """Photos ``rels`` (relative to the folder ``photos``) -> (records, embeddings (faces, D) float32)."""
@@ -162,6 +163,7 @@ class PhotoWork:
 
         records, crops = [], []
         for rel in rels:
+            self.current = rel  # where a Ctrl-C stopped the run
             rec, faces = self.read_photo(photos, rel, out)
             records.append(rec)
             crops.extend(faces)
@@ -328,6 +330,7 @@ def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: 
         del model
         log(f"{len(todo)} file(s) to process in {photos} ({len(records)} already done in {out}); "
             f"faces aligned to {size}x{size}, batches of {batch_size}, on Ray Data")
+        work = None
         chunks = ray_photo_batches(todo, photos, out, dict(weights=weights, generator=generator, estimator=estimator,
                                                              backbone=backbone, seed=seed),
                                    dict(work_options, detector=detector), device=device, address=address,
@@ -350,10 +353,11 @@ def run_folder(photos: str, out: str, weights: Optional[str] = None, generator: 
             bar.update(len(recs))
     except KeyboardInterrupt:
         _write_text(run_path, json.dumps({"settings": settings, "status": "interrupted"}, indent=2) + "\n")
-        done_now = len(records)
-        raise RunInterrupted(f"interrupted after {bar.n} of {len(todo)} photo(s) of this run; {done_now} photo(s) "
-                             f"are recorded in {index_path} (those of an unfinished batch are not); rerun the same "
-                             f"command to resume") from None
+        current = getattr(work, "current", None) if engine == "local" else None
+        where = (f"at photo {todo.index(current) + 1} of {len(todo)} ({current})" if current in todo
+                 else f"after {bar.n} of {len(todo)} photo(s) of this run")
+        raise RunInterrupted(f"interrupted {where}; {len(records)} photo(s) are recorded in {index_path} (those of "
+                             f"an unfinished batch are not); rerun the same command to resume") from None
     finally:
         bar.close()
         close = getattr(chunks, "close", None)

@@ -312,7 +312,8 @@ def test_ctrl_c_during_run_says_where_and_that_a_rerun_resumes(model, tmp_path, 
     assert rc == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert "interrupted at photo 3 of 4 (p2.png); 2 photo(s) are recorded" in err and "rerun" in err
+    # photos are recorded per model batch (32 here): none of the unfinished first batch is
+    assert "interrupted at photo 3 of 4 (p2.png); 0 photo(s) are recorded" in err and "rerun" in err
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     with pytest.raises(F.RunInterrupted) as info:  # a KeyboardInterrupt for library callers
         calls.clear()
@@ -320,7 +321,7 @@ def test_ctrl_c_during_run_says_where_and_that_a_rerun_resumes(model, tmp_path, 
     assert isinstance(info.value, KeyboardInterrupt)
     monkeypatch.setattr(A.FaceAligner, "align", real_align)
     assert main(argv) == 0
-    assert "2 file(s) to process" in capsys.readouterr().out
+    assert "4 file(s) to process" in capsys.readouterr().out  # nothing of the unfinished batch was kept
     assert sorted(json.loads(line)["photo"] for line in (out / "index.jsonl").read_text().splitlines()) == \
         [f"p{i}.png" for i in range(4)]
     assert os.path.isfile(out / "run.json") and json.loads((out / "run.json").read_text())["status"] == "done"
