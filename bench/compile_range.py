@@ -5,7 +5,7 @@
 Runs ``../shared/tools/gpu_proxy.py sass bench.compile_specs:<SPEC>`` for each SPEC of bench/compile_specs.py (the
 calls run on CPU with the launches recorded, then every launched specialization and every autotune config is
 compiled for sm_90a by triton's own compiler and ptxas), parses its table and writes
-``compile-range-triton<version>-<stamp>.json``: per SPEC and kernel the registers, spill bytes, shared memory,
+``compile-range-triton<version>-<stamp>.json`` (rewritten after every SPEC): per SPEC and kernel the registers, spill bytes, shared memory,
 CTAs/SM and tensor-core instructions (HGMMA = wgmma, HMMA = mma.sync), or the compile error. Run it once per
 triton release, each in its own virtual environment (README_compile_range.md). Exit status 1 if any kernel
 failed to compile or any SPEC failed to run.
@@ -22,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from mtlface_fast.benchmark import environment, write_results  # noqa: E402
+from mtlface_fast.benchmark import environment, results_path, write_results  # noqa: E402
 
 COLS = "LDG STG LDGSTS UTMALDG HGMMA HMMA SHFL BAR LDL STL".split()
 ROW = re.compile(r"^\s*(\d+) (\S+?)(\*?)\s+(\d+)\s+(\d+)\s+(-?\d+)\s+(-?\d+)\s+(-?\d+)/(-?\d+)\s+(\d+)\s+(\d+)\s+(\S+)"
@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     import triton
     dump = a.dump or tempfile.mkdtemp(prefix=f"compile-range-{triton.__version__}-")
     results, status = {}, 0
+    path = results_path(f"compile-range-triton{triton.__version__}")
+    payload = dict(kind="compile-range", target="sm_90a", environment=environment("cpu"),
+                   triton=triton.__version__, specs=results)
     for spec in [s for s in a.specs.split(",") if s]:
         t0 = time.time()
         cmd = [sys.executable, a.proxy, "sass", f"bench.compile_specs:{spec}", "--out", os.path.join(dump, spec),
@@ -90,9 +93,8 @@ def main(argv=None) -> int:
         print(f"{spec:10s} rc={rc} {s['kernels']:3d} kernels, {s['failed']} failed, max regs {s['max_regs']}, "
               f"{s['spilling']} spilling, {s['tensor_core_kernels']} with tensor-core instructions "
               f"({s['hgmma_kernels']} HGMMA), {entry['seconds']} s", flush=True)
-    payload = dict(kind="compile-range", target="sm_90a", environment=environment("cpu"),
-                   triton=triton.__version__, specs=results)
-    print("wrote", write_results(f"compile-range-triton{triton.__version__}", payload))
+        write_results(path, payload)  # after every SPEC: a run cut short keeps what it compiled
+    print("wrote", path)
     return status
 
 

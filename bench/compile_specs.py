@@ -130,7 +130,7 @@ def stylegan2():
     for c, h, _ in _decoder_shapes():  # square maps
         for dtype in DTYPES:
             x = _x(64, dtype, c, h, channels_last=True)
-            noise = torch.randn(1, 1, h, w, dtype=dtype)
+            noise = torch.randn(1, 1, h, h, dtype=dtype)
             noise_bias_lrelu(x, noise, torch.zeros(1, dtype=dtype), torch.zeros(c, dtype=dtype))
 
 
