@@ -48,12 +48,16 @@ setup(
         # mtlface_fast.mtcnn then runs facenet-pytorch's networks and weights with plain torch.)
         # The Triton kernels run on CUDA tensors only. CUDA builds of torch bring their own matching triton,
         # so a CPU install needs none; the test suite runs the kernels in the Triton interpreter on CPU.
+        # triton range: every kernel specialization of the public calls compiles for sm_90 (bench/
+        # compile_range.py) and the kernel test files pass in the interpreter under triton 3.6.0 (torch 2.11's),
+        # 3.7.1, 3.8.0 and 3.9.0 (bench/README_compile_range.md); older releases are untested. triton 3.6's
+        # interpreter needs numpy < 2.4 (it converts 1-element arrays with int()); 3.8 and later do not.
         "test": ["pytest", "onnx", "onnxruntime", "onnxscript", "PyYAML", "facenet-pytorch>=2.5.3,!=2.6.*",
-                 "torchvision<0.29", "triton>=3.0; platform_system == 'Linux'",
+                 "torchvision<0.29", "triton>=3.6,<3.10; platform_system == 'Linux'",
                  "ray[serve,data]", "faiss-cpu", "tritonclient[grpc]"],
         # photo -> aligned face: MTCNN and its weights (shipped in the wheel); 2.6.x pins torch<2.3 and numpy<2
         "align": ["facenet-pytorch>=2.5.3,!=2.6.*"],
-        "triton": ["triton>=3.0; platform_system == 'Linux'"],
+        "triton": ["triton>=3.6,<3.10; platform_system == 'Linux'"],  # the tested range, as "test" above
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
         "trt": ["torch-tensorrt"],
         # beyond one machine: FAISS galleries (index/search), Ray Data (run --engine ray), Ray Serve (serve),

@@ -175,7 +175,8 @@ def _afd_pool_fwd_kernel(
         if WITH_IDX:
             tl.store(fidx_base + kk, warg, mask=st_ok)
         # max and sum over channels per pixel; ties go to the lowest channel (strict > across blocks)
-        tmx = tl.where(tile_ok, tile, float("-inf"))
+        # -inf built in fp32 and cast: the triton 3.8 interpreter has no bf16 scalar constant (get_bf16)
+        tmx = tl.where(tile_ok, tile, tl.full((1, 1), float("-inf"), tl.float32).to(tile.dtype))
         bmax_x = tl.max(tmx, axis=0)
         bmax = bmax_x.to(acc_ty)
         if WITH_IDX:
@@ -220,7 +221,8 @@ def _afd_branch_fwd_kernel(
         w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         if DOT_F32:
             a, w = a.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+        # out_dtype = the accumulator's: triton 3.6 asserts it equals acc's dtype (fp64 in float64 runs)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee", out_dtype=acc_ty)
     h = tl.maximum(acc, 0.0)
     tl.store(h_ptr + rm.to(tl.int64)[:, None] * NH + rn[None, :], h.to(h_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
@@ -282,7 +284,7 @@ def _afd_apply_fwd_kernel(
             w = tl.load(w2_ptr + c[:, None] * NH + n0 + rn[None, :], mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             if DOT_F32:
                 hh, w = hh.to(tl.float32), w.to(tl.float32)
-            z = tl.dot(hh, tl.trans(w), z, input_precision="ieee")
+            z = tl.dot(hh, tl.trans(w), z, input_precision="ieee", out_dtype=acc_ty)
         z += tl.load(b2_ptr + c, mask=c_ok, other=0.0)[None, :]
         cs_tile = 1.0 / (1.0 + tl.exp(-z))
     if not CHANNELS_LAST:
