@@ -46,10 +46,10 @@ def template(size: int = 112) -> np.ndarray:
 def load_image(item, name: str = "image") -> np.ndarray:
     """A photo as (H, W, 3) uint8 RGB: a path, a PIL image, a uint8 numpy array ((H, W), (H, W, 1|3|4)) or a
     tensor ((C, H, W) with C in 1, 3, 4, or (H, W); uint8 or float in [0, 1]). Grayscale is repeated, alpha
-    dropped; files are read by :func:`mtlface_fast.preprocess.read_image` (EXIF orientation applied, 16-bit and
-    float images scaled) and PIL images converted by :func:`mtlface_fast.preprocess.to_rgb`. Bad input raises
+    dropped; files are read by :func:`mtlface_fast.images.read_image` (EXIF orientation applied, 16-bit and
+    float images scaled) and PIL images converted by :func:`mtlface_fast.images.to_rgb`. Bad input raises
     ValueError / TypeError / FileNotFoundError naming ``name`` (or the file)."""
-    from .preprocess import FLOAT_RANGE, read_image, to_rgb
+    from .images import FLOAT_RANGE, read_image, to_rgb
 
     if isinstance(item, (str, os.PathLike)):
         arr = np.array(read_image(item, name=name), dtype=np.uint8)

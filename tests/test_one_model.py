@@ -181,9 +181,13 @@ def test_backend_switch_changes_what_runs(loaded):
 
 
 # -- caches of derived weights are never stale ---------------------------------------------------------------------
+FIXED_BUFFERS = ("_unit_mapping", "kernel", "expectation")  # structure (router windows, FIR taps, age bins)
+
+
 def _perturbed_state(model, seed):
     g = torch.Generator().manual_seed(seed)
-    return {k: (v * (1 + 0.2 * torch.rand(v.shape, generator=g, dtype=v.dtype)) if v.is_floating_point() else v)
+    return {k: (v * (1 + 0.2 * torch.rand(v.shape, generator=g, dtype=v.dtype))
+                if v.is_floating_point() and not k.endswith(FIXED_BUFFERS) else v)
             for k, v in model.state_dict().items()}
 
 

@@ -289,7 +289,9 @@ def search_photos(query: str, out: str, top_k: int = 5, *, model=None, weights: 
     """Search every face of ``query`` (a photo or a folder) in the gallery of ``out``: one dict per query face (or
     per photo without a usable face, with its status and reason)."""
     from ..align import FaceAligner
-    from ..folder import PhotoWork, check_device, list_photos
+    from ..folder import list_photos
+    from ..photo_work import PhotoWork
+    from ..validation import check_device
     from ..loading import load_model
     from ..mtcnn import facenet_location
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:

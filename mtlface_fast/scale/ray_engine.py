@@ -4,7 +4,7 @@ The driver lists the photos still to do (as the local engine: a rerun resumes), 
 ``Dataset.map_batches`` over an actor pool (one model and one face aligner per actor, ``batch_size`` photos per
 call, one GPU per actor when the actors run on CUDA), and writes what comes back in the input order into the
 same files as the local engine (index.jsonl, embeddings.npy, run.json). The per-batch work is
-:class:`mtlface_fast.folder.PhotoWork`, the local engine's. Actors read PHOTOS and write the crops (and grids)
+:class:`mtlface_fast.photo_work.PhotoWork`, the local engine's. Actors read PHOTOS and write the crops (and grids)
 into OUT themselves: on a cluster of several machines both folders must be on a file system every node mounts
 at the same path, and every node needs the package (``pip install "mtlface-fast[scale]"``).
 """
@@ -21,7 +21,7 @@ class PhotoActor:
 
     def __init__(self, photos: str, out: str, model_args: Dict, work_args: Dict, device: str):
         from ..align import FaceAligner
-        from ..folder import PhotoWork
+        from ..photo_work import PhotoWork
         from ..loading import load_model
         work_args = dict(work_args)
         detector = work_args.pop("detector", "auto")
@@ -46,7 +46,7 @@ def ray_photo_batches(todo: List[str], photos: str, out: str, model_args: Dict, 
                       device: Optional[str] = None, address: Optional[str] = None, workers: Optional[int] = None,
                       log: Callable[[str], None] = print, progress: bool = True) -> Iterator[Tuple[List[dict], object]]:
     """(records, embeddings) per batch of ``todo``, in order, computed by Ray Data actors; embedding rows count
-    from 0 per batch, as :class:`mtlface_fast.folder.PhotoWork` returns them."""
+    from 0 per batch, as :class:`mtlface_fast.photo_work.PhotoWork` returns them."""
     import os
 
     import numpy as np

@@ -104,7 +104,7 @@ class FaceModel:
 
         from ..align import FaceAligner
         from ..demo import group_labels
-        from ..folder import check_device
+        from ..validation import check_device
         from ..loading import load_model
         self.device = check_device(options.get("device") or "cpu")
         model, self.source = load_model(**model_args)
