@@ -50,6 +50,7 @@ class MTLFace(layers.WeightsVersioned, ReferenceMTLFace):
         fast = dict(FAST_LAYERS[get_architecture(arch).name])
         fast.update(layer_classes)
         super().__init__(backbone, input_size, age_group, afd, sigma, arch=arch, channels_last=channels_last, **fast)
+        layers.fused.watch_optimizers()  # before any call, compiled ones included, reads a weights version
 
     # -- implementation choice -----------------------------------------------------------------------
     def fused_layers(self):

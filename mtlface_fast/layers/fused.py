@@ -41,7 +41,7 @@ class WeightsVersioned:
     """Mixin (first among an ``nn.Module`` subclass's bases): :meth:`weights_version` and the tracked events."""
 
     def weights_version(self) -> Tuple[int, int]:
-        if not _watching:
+        if not _watching and not torch.compiler.is_compiling():  # (a compiled graph uses no cached weights)
             watch_optimizers()
         return self.__dict__.get("_fused_version", 0), _steps
 
@@ -75,7 +75,6 @@ class FusedLayer(WeightsVersioned):
         tok = backend.token()
         impl = d.get("_fused_impl")
         if impl is None or d.get("_fused_token") != tok:
-            watch_optimizers()
             impl = d["_fused_impl"] = self.choose_implementation()
             d["_fused_token"] = tok
         return impl
