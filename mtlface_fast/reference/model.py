@@ -209,6 +209,12 @@ class MTLFace(nn.Module):
                             x_id, x_age, age_logits)
 
     # -- synthesis -----------------------------------------------------------------------------------
+    def _generate(self, images: torch.Tensor, f: Features, groups: torch.Tensor) -> torch.Tensor:
+        """One rendering pass from computed features (training recipes): images (B, 3, S, S) at ``groups`` (B,),
+        with the architecture's default noise."""
+        arch = self.architecture
+        return arch.render(self, images, f, arch.synthesis_context(self, f), groups, 1, "stored", None)
+
     def make_noise(self, batch: int, noise: Union[str, Sequence[torch.Tensor]] = "stored",
                    generator: Optional[torch.Generator] = None):
         """Per-layer generator noise for ``batch`` samples (architectures with a noisy generator: TPAMI).
