@@ -198,10 +198,13 @@ def test_changed_weights_are_never_served_stale(loaded, compiled):
     entry point compiled (aot_eager); the dtype round trip is left to the eager run (a recompilation)."""
     arch, fast, ref = loaded
     if compiled and arch == "tpami":
-        pytest.skip("the TPAMI compiled variant passes alone but failed after the rest of this module in a full run; "
-                    "its cause is not yet diagnosed (the CVPR compiled variant and every eager variant run)")
+        pytest.skip("in a full-suite process this variant hits dynamo's recompile limit (FailOnRecompileLimitHit "
+                    "with fullgraph=True) after the other modules' compilations; it passes alone")
     model, oracle = copy.deepcopy(fast), copy.deepcopy(ref)
     if compiled:
+        # the entry points were compiled for other models earlier in the session: start from empty caches so
+        # that this test's own recompilations (mode changes, new weights) stay under dynamo's recompile limit
+        torch.compiler.reset()
         model.compile(backend="aot_eager")
     x = _x()
 
