@@ -21,6 +21,7 @@ from torch import nn
 
 from . import layers
 from .reference.model import MTLFace as ReferenceMTLFace
+from .precision import DTYPES, dtype_name
 from .reference.model import get_architecture
 
 #: The layer classes the fast model builds each architecture with.
@@ -51,6 +52,18 @@ class MTLFace(layers.WeightsVersioned, ReferenceMTLFace):
         fast.update(layer_classes)
         super().__init__(backbone, input_size, age_group, afd, sigma, arch=arch, channels_last=channels_last, **fast)
         layers.fused.watch_optimizers()  # before any call, compiled ones included, reads a weights version
+
+    def _layout(self, images: torch.Tensor) -> torch.Tensor:
+        """channels_last where the fast layers want it: on CUDA, and on CPU for fp32 inference without autograd
+        (the trunk's oneDNN packed path); ``channels_last=True/False`` forces the choice."""
+        if self.channels_last is None and images.device.type == "cpu" and not images.is_cuda:
+            if (not self.training and images.dtype == torch.float32 and layers.onednn.AVAILABLE
+                    and not torch.is_autocast_enabled("cpu")
+                    and not (torch.is_grad_enabled() and (images.requires_grad
+                                                          or any(p.requires_grad for p in self.parameters())))):
+                return images.contiguous(memory_format=torch.channels_last)
+            return images
+        return super()._layout(images)
 
     # -- implementation choice -----------------------------------------------------------------------
     def fused_layers(self):
@@ -95,20 +108,70 @@ class MTLFace(layers.WeightsVersioned, ReferenceMTLFace):
         ``torch.library`` custom ops and never break the graph). ``mode="reduce-overhead"`` adds CUDA
         graphs, recorded once per batch size. Returns the model. The compiled callables live on the
         instance and are dropped by ``copy.deepcopy`` and pickling (the copy runs eagerly).
+
+        Folded weights (BatchNorm folded into the trunk's convolutions, the AFD's folded operands, the ICM's
+        packed windows) are built eagerly before a compiled call, once per weights version and dtype
+        (:meth:`prepare_graph_operands`), and enter the graph as inputs: no fold runs inside the graph, and a
+        change of the weights (loading, an optimizer step, ...) neither recompiles nor serves stale weights.
         """
         kwargs.setdefault("fullgraph", True)
         for name in COMPILED:
-            self.__dict__[name] = torch.compile(getattr(type(self), name).__get__(self), *args, **kwargs)
+            self.__dict__[name] = _PreparedCall(self, torch.compile(getattr(type(self), name).__get__(self),
+                                                                    *args, **kwargs))
         return self
+
+    def prepare_graph_operands(self, dtype=None) -> None:
+        """Build what compiled eval calls with ``dtype=`` read (see :meth:`compile`) for the current weights;
+        nothing when already built for this weights version and dtype, or in training mode."""
+        if self.training:
+            return
+        version = self.weights_version()
+        prepared = self.__dict__.get("_graph_prepared")
+        if prepared is None or prepared[0] != version:
+            prepared = self.__dict__["_graph_prepared"] = (version, set())
+        name = "fp32" if dtype is None else dtype_name(dtype)
+        if name in prepared[1]:
+            return
+        param_dtype = next(self.parameters()).dtype
+        act_dtype = param_dtype if name == "fp32" else DTYPES[name]
+        side = self.input_size // 16
+        for _, layer in self.fused_layers():
+            layer.prepare_graph_operands(act_dtype, param_dtype, side)
+        prepared[1].add(name)
 
     def __getstate__(self):
         state = self.__dict__.copy()
         for name in COMPILED:
             state.pop(name, None)
+        state.pop("_graph_prepared", None)
         return state
+
+    # -- CUDA graphs ---------------------------------------------------------------------------------
+    def cuda_graphs(self, batch_sizes=(1, 8, 64, 256), dtype=None, *, _recorder=None):
+        """CUDA-graph replays of ``forward``, ``encode``, ``synthesize`` and ``synthesize_all_ages``, one
+        capture per batch bucket (the smallest bucket >= the batch; larger batches in chunks of the largest),
+        captured at first use into one shared memory pool and dropped when :meth:`weights_version` moves.
+        ``dtype``: None/fp32, bf16 or fp16 (the autocast of the methods' ``dtype=``). The model must be on
+        CUDA and in eval mode at each call. Returns a :class:`mtlface_fast.cuda_graphs.GraphedMTLFace`.
+        """
+        from .cuda_graphs import GraphedMTLFace
+
+        return GraphedMTLFace(self, batch_sizes, dtype, _recorder=_recorder)
 
 
 COMPILED = ("forward", "encode", "synthesize", "synthesize_all_ages")
+
+
+class _PreparedCall:
+    """A compiled entry point that first makes sure the graph operands of the model's current weights exist."""
+
+    def __init__(self, model: MTLFace, compiled):
+        self.model, self.compiled = model, compiled
+        self.__wrapped__ = compiled
+
+    def __call__(self, *args, **kwargs):
+        self.model.prepare_graph_operands(kwargs.get("dtype"))
+        return self.compiled(*args, **kwargs)
 
 
 def is_mtlface(model: nn.Module) -> bool:

@@ -30,10 +30,14 @@ def _is_compiling() -> bool:
 def immediate_checks(tensor: torch.Tensor) -> bool:
     """Whether value checks on ``tensor`` may read it on the host (CPU tensors, or MTLFACE_FAST_SYNC_CHECKS=1).
 
-    A tensor that says ``is_cuda`` takes the device-side branch whatever its ``device`` reports.
+    A tensor that says ``is_cuda`` takes the device-side branch whatever its ``device`` reports; so does a
+    CUDA tensor while a CUDA graph is being captured (a host read cannot be captured).
     """
-    on_host = tensor.device.type == "cpu" and not tensor.is_cuda
-    return on_host or os.environ.get(SYNC_CHECKS_ENV, "0") not in ("", "0")
+    if tensor.device.type == "cpu" and not tensor.is_cuda:
+        return True
+    if os.environ.get(SYNC_CHECKS_ENV, "0") in ("", "0"):
+        return False
+    return not (tensor.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def check_image_values(images: torch.Tensor, name: str = "images", *, immediate: bool) -> None:

@@ -88,9 +88,9 @@ def test_synthesize_all_ages_equals_per_group_calls(small_model):
 
 def test_synthesize_calls_the_official_generator_signature(small_model):
     x = _images(2)
-    f = small_model.features(x)
     cond = torch.tensor([1, 4])
-    with torch.no_grad():
+    with torch.no_grad():  # (as synthesize: inference features, the layout and path it takes)
+        f = small_model.features(x)
         expected = small_model.generator(x, *f, cond)
         torch.testing.assert_close(small_model.synthesize(x, cond), expected)
 

@@ -1,4 +1,5 @@
 """nn.Modules over the fast ops; each subclasses its reference module so state dicts load unchanged."""
+from . import onednn
 from .afd import FusedAttentionModule
 from .fold import fold_bn
 from .fused import FusedLayer, WeightsVersioned

@@ -144,8 +144,10 @@ class FusedAttentionModule(FusedLayer, AttentionModule):
 
         Built inline (differentiable, traceable) under torch.compile or when a parameter wants a gradient.
         """
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and self._grad_wanted()):
+        if torch.is_grad_enabled() and self._grad_wanted():
             return self._build_eval(compute_dtype, hw)
+        if torch.compiler.is_compiling():
+            return self.graph_operands(("eval", compute_dtype, hw), lambda: self._build_eval(compute_dtype, hw))
         key = self.weights_version()
         if key != self._eval_key:
             self._eval_key, self._eval_ops = key, {}
@@ -154,6 +156,11 @@ class FusedAttentionModule(FusedLayer, AttentionModule):
             with torch.no_grad():
                 operands = self._eval_ops[(compute_dtype, hw)] = self._build_eval(compute_dtype, hw)
         return operands
+
+    def graph_operand_builders(self, act_dtype: torch.dtype, param_dtype: torch.dtype, side: int):
+        # The Triton path keys on the feature map's size, the PyTorch one does not: both, at the model's size.
+        keys = [(act_dtype, None), (act_dtype, (side, side))]
+        return {("eval",) + k: (lambda k=k: self._build_eval(*k)) for k in keys}
 
     def _grad_wanted(self) -> bool:
         return any(t.requires_grad for t in self._fold_sources()[0])

@@ -10,10 +10,16 @@ of derived weights (folded BatchNorm, packed ICM groups, the AFD spatial matrix)
   :meth:`FusedLayer.weights_changed`. Caches compare it, never a key over every tensor. A change made by
   hand (an in-place edit of a parameter or statistic, ``param.data = ...``, a changed ``eps``) is announced
   with ``model.weights_changed()`` (or the layer's); until then the layer may serve the weights it cached.
+* Compiled calls: a traced graph cannot compare weights versions without recompiling for each one, so under
+  ``torch.compile`` a layer reads the operands :meth:`FusedLayer.prepare_graph_operands` put in its
+  ``_graph_ops`` (``MTLFace.compile()`` prepares them eagerly before a compiled call whenever the model's
+  weights version or the call's dtype is new: once per weights version, outside the graph) and the graph takes
+  them as inputs; a layer nobody prepared builds them inline in the graph (what a plain ``torch.compile`` of
+  the model gets). Every tracked event empties ``_graph_ops``.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -50,6 +56,7 @@ class WeightsVersioned:
         d = self.__dict__
         d["_fused_version"] = d.get("_fused_version", 0) + 1
         d["_fused_impl"] = None
+        d["_graph_ops"] = {}
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -82,6 +89,31 @@ class FusedLayer(WeightsVersioned):
     def choose_implementation(self) -> str:
         p = next(self.parameters(), None)
         return backend.choose(p.device if p is not None else torch.device("cpu"))
+
+    # -- operands of compiled calls (see the module doc) --------------------------------------------
+    def graph_operands(self, key, build: Callable[[], object]):
+        """Under tracing: the prepared operands for ``key``, else ``build()`` inline."""
+        ops = self.__dict__.get("_graph_ops", {}).get(key)
+        return build() if ops is None else ops
+
+    def graph_operand_builders(self, act_dtype: torch.dtype, param_dtype: torch.dtype, side: int
+                               ) -> Dict[object, Callable]:
+        """key -> builder of what a traced eval call with activations in ``act_dtype`` reads (override);
+        ``side``: the side of the trunk's last feature map (the model's input size / 16)."""
+        return {}
+
+    def prepare_graph_operands(self, act_dtype: torch.dtype, param_dtype: torch.dtype, side: int) -> None:
+        """Build (eagerly, no autograd) the operands a compiled eval call reads, for the current weights."""
+        self.implementation()  # chosen here, eagerly: a graph reading an unchosen one would recompile
+        ops = self.__dict__.setdefault("_graph_ops", {})
+        with torch.no_grad():
+            for key, build in self.graph_operand_builders(act_dtype, param_dtype, side).items():
+                value = build()
+                for t in (value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list))
+                          else (value,)):
+                    if isinstance(t, torch.Tensor) and t.is_cuda:
+                        torch._dynamo.mark_static_address(t)  # CUDA graphs of reduce-overhead: no per-call copy
+                ops[key] = value
 
     def describe_implementation(self) -> str:
         """One line for :meth:`MTLFace.implementations`: what runs this layer."""

@@ -77,6 +77,10 @@ class CompactICM(FusedLayer):
             return "torch"
         return super().choose_implementation()
 
+    def graph_operand_builders(self, act_dtype: torch.dtype, param_dtype: torch.dtype, side: int):
+        # What a traced inference call reads: the packed windows of the one-launch forward (icm_triton).
+        return {("icm_packed", act_dtype): lambda: pack_forward(self, act_dtype)}
+
     def icm(self, x_id: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         groups = check_icm_inputs(self, x_id, condition)
         bn_stats = check_bn_stats(self.bn_stats)
@@ -93,8 +97,10 @@ class CompactAgingModule(CompactICM, AgingModule):
     """The CVPR generator with the compact ICM; same constructor arguments and state dict as AgingModule."""
 
     def __init__(self, age_group: int = 7, repeat_num: int = 4, sigma: float = 0.1, unit_count: int = 128, *,
-                 bn_stats: str = "reference"):
-        super().__init__(age_group, repeat_num, sigma, unit_count)
+                 bn_stats: str = "reference", upsample_layer=None):
+        from .decoder import FastUpsample
+
+        super().__init__(age_group, repeat_num, sigma, unit_count, upsample_layer=upsample_layer or FastUpsample)
         self.bn_stats = check_bn_stats(bn_stats)
 
 

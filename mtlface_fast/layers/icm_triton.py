@@ -122,7 +122,9 @@ def icm_forward_triton(module: ICMBase, x_id: torch.Tensor, groups: torch.Tensor
 
     dtype = autocast_dtype(x_id)
     capturing = x_id.is_cuda and torch.cuda.is_current_stream_capturing()
-    if torch.compiler.is_compiling() or (capturing and "_icm_packed" not in module.__dict__):
+    if torch.compiler.is_compiling():
+        packed = module.graph_operands(("icm_packed", dtype), lambda: pack_forward(module, dtype))
+    elif capturing and "_icm_packed" not in module.__dict__:
         packed = pack_forward(module, dtype)
     else:
         packed = module_cache(module, "_icm_packed", pack_forward).get(module, dtype)

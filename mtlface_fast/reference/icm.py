@@ -153,12 +153,14 @@ class AgingModule(ICMBase):
     ``sigma`` is 0.1 in the official code (hard-coded there; the paper's default is 1/8).
     """
 
-    def __init__(self, age_group: int = 7, repeat_num: int = 4, sigma: float = 0.1, unit_count: int = 128):
+    def __init__(self, age_group: int = 7, repeat_num: int = 4, sigma: float = 0.1, unit_count: int = 128, *,
+                 upsample_layer=None):
         super().__init__(512, age_group, unit_count, sigma, repeat_num, variant="cvpr")
-        self.up_1 = Upsample(512, 512 + 256, 256)
-        self.up_2 = Upsample(256, 256 + 128, 128)
-        self.up_3 = Upsample(128, 128 + 64, 64)
-        self.up_4 = Upsample(64, 64 + 3, 32)
+        up = upsample_layer or Upsample  # (a subclass with the same keys: fast implementations inject theirs)
+        self.up_1 = up(512, 512 + 256, 256)
+        self.up_2 = up(256, 256 + 128, 128)
+        self.up_3 = up(128, 128 + 64, 64)
+        self.up_4 = up(64, 64 + 3, 32)
         self.conv3 = nn.Conv2d(32, 3, 1, 1, 0)
         self._init_weights()
 
