@@ -151,6 +151,9 @@ def test_packed_path_is_not_taken_where_it_would_differ(loaded, packed_calls, ca
     else:
         with torch.no_grad():
             got, want = model.encode(x).embedding, oracle.encode(x).embedding
+            if case != "train":  # the decoder too (CVPR: its steps are packed layers)
+                assert_close(model.synthesize(x, 4), oracle.synthesize(x, 4), dtype=got.dtype,
+                             name=f"{arch} {case} synthesize")
     assert packed_calls == [], f"{case}: the packed path ran"
     if case == "bf16":
         check_low_precision(got, want32, want, torch.bfloat16, f"{arch} {case}")

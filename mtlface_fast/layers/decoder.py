@@ -1,6 +1,7 @@
 """Fast U-Net step of the CVPR generator: same keys and training behaviour as the reference ``Upsample``.
 
-At inference on CPU (fp32, no autograd: :func:`mtlface_fast.layers.onednn.usable`) each step runs channels_last
+At inference on CPU (fp32, no autograd: :func:`mtlface_fast.layers.onednn.usable`; the trunk ran channels_last,
+which the model's ``channels_last`` decides) each step runs channels_last
 with oneDNN weights packed once per weights version: the BatchNorm after each 3x3 convolution folded into it, the
 1x1 shortcut and the residual adds fused into the convolution that precedes them (``conv(x) + other`` in one
 pass). The pre-activation BatchNorms (on the concatenated input and on the block's sum) stay per-channel affines:
@@ -63,12 +64,15 @@ class FastUpsample(FusedLayer, Upsample):
         return c2(F.prelu(c1(y), a1), other)
 
     def forward(self, x: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        # Packed when the trunk ran packed (its skip, or the previous step's output, is channels_last): the
+        # model's layout choice (``channels_last=False`` keeps NCHW and the PyTorch path).
+        cl = torch.channels_last
         if (self.training or not self._packable or not onednn.usable(x, any_layout=True)
                 or not onednn.usable(up, any_layout=True)
+                or not (x.is_contiguous(memory_format=cl) or up.is_contiguous(memory_format=cl))
                 or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))):
             return super().forward(x, up)
         ops = self._packed_operands()
-        cl = torch.channels_last
         x = x.contiguous(memory_format=cl)
         if x.size(2) < up.size(2):
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
