@@ -3,8 +3,8 @@
 ``python bench/cpu_peers.py [--arch cvpr tpami] [--batch 1 8] [--calls encode synthesize] [--rounds 5]
 [--profile] [--out PATH]``
 
-Per (architecture, call, batch), fp32, eval, ``torch.inference_mode()``, seeded random weights (BatchNorm
-statistics, affine terms and PReLU slopes randomized, not the default init), IR-50 / 112 px / 7 groups:
+Per (architecture, call, batch), fp32, eval, ``torch.inference_mode()``, seeded random weights (the tests'
+randomization, never the default init; run from a checkout), IR-50 / 112 px / 7 groups:
 
 * ``reference``: the reference model, eager (NCHW);
 * ``reference_compiled``: ``torch.compile`` of the reference's method (default mode, ``dynamic=False``: one
@@ -52,19 +52,13 @@ TARGET = 1.2
 
 
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Seeded non-default weights: BatchNorm statistics and affine terms, PReLU slopes, small biases."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-                if m.affine:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-            elif isinstance(m, torch.nn.PReLU):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 0.3 + 0.1)
-    return model
+    """Seeded non-default weights, as the tests draw them (``tests/utils.py``, ``tests/tpami_utils.py``: every
+    convolution, BatchNorm statistic and affine term, PReLU slope, and for TPAMI every StyleGAN2 parameter and
+    stored noise map, with images mostly inside the generator's clamp range)."""
+    from tests.tpami_utils import randomize_tpami_
+    from tests.utils import randomize_
+
+    return randomize_tpami_(model, seed) if model.config["arch"] == "tpami" else randomize_(model, seed)
 
 
 def rel_err(out: torch.Tensor, truth: torch.Tensor) -> float:

@@ -7,10 +7,12 @@ InstanceNorm + LeakyReLU) and, for TPAMI, the StyleGAN2 layers with dense modula
 fused noise/bias/LeakyReLU op. Which implementation of each fused op runs (Triton or PyTorch, see
 :mod:`mtlface_fast.backend`) is chosen once per layer and listed by :meth:`MTLFace.implementations`.
 
-Layout: channels_last on CUDA (cuDNN's fast convolutions are NHWC); NCHW on CPU, where oneDNN's fp32 NHWC
-convolutions are several times less accurate (about 2e-6 relative against fp64 for a 3x3 512-channel
-layer, 3e-7 in NCHW) and no faster for this model. Mixed precision is asked for explicitly, never hidden in
-``forward``: the ``dtype=`` keyword of the public methods runs that call under ``torch.autocast``.
+Layout: channels_last on CUDA (cuDNN's fast convolutions are NHWC) and for fp32 inference on CPU, where the
+trunk units and the CVPR decoder steps run oneDNN convolutions on weights packed once per weights version
+(:mod:`mtlface_fast.layers.onednn`; their fp32 error is that of channels_last convolutions, as
+``torch.compile(reference)``'s); ``channels_last=False`` keeps NCHW and the PyTorch path (closer to the fp64
+reference per layer, slower). Mixed precision is asked for explicitly, never hidden in ``forward``: the
+``dtype=`` keyword of the public methods runs that call under ``torch.autocast``.
 """
 from __future__ import annotations
 
@@ -36,8 +38,8 @@ FAST_LAYERS: Dict[str, Dict[str, type]] = {
 
 class MTLFace(layers.WeightsVersioned, ReferenceMTLFace):
     """Drop-in fast MTLFace, for every architecture; see :class:`mtlface_fast.reference.MTLFace` for the
-    arguments and API. ``channels_last`` defaults to None (CUDA only); layer keywords override the fast
-    layers of :data:`FAST_LAYERS`.
+    arguments and API. ``channels_last`` defaults to None (CUDA, and CPU fp32 inference on packed oneDNN
+    weights); layer keywords override the fast layers of :data:`FAST_LAYERS`.
     """
 
     flip_in_one_batch = True
