@@ -17,31 +17,13 @@ from mtlface_fast import reference
 from mtlface_fast.layers import onednn
 from mtlface_fast.layers.decoder import FastUpsample
 from mtlface_fast.layers.trunk import FastBottleneckIR
-from tests.tpami_utils import SMALL as TPAMI_SMALL
+from tests.test_one_model import loaded  # noqa: F401  (the fixture: both architectures, TPAMI from a release file)
 from tests.tpami_utils import randomize_tpami_
 from tests.utils import assert_close, check_low_precision, randomize_
 
-CVPR_SMALL = dict(arch="cvpr", backbone="ir34", input_size=32, age_group=7)
 ARCHS = ("cvpr", "tpami")
 
 pytestmark = pytest.mark.skipif(not onednn.AVAILABLE, reason="this torch build has no oneDNN (mkldnn) CPU backend")
-
-
-@pytest.fixture(scope="module", params=ARCHS)
-def loaded(request, tmp_path_factory):
-    """(arch, fast model, reference model), eval; the TPAMI pair loaded from a release-layout file."""
-    arch = request.param
-    if arch == "tpami":
-        src = randomize_tpami_(reference.MTLFace(**TPAMI_SMALL), seed=11)
-        path = str(tmp_path_factory.mktemp("release") / "mtlface_checkpoints.tar")
-        torch.save(src.state_dict(), path)
-        fast, ref = mtlface_fast.MTLFace.from_official(path), reference.MTLFace.from_official(path)
-    else:
-        src = randomize_(reference.MTLFace(**CVPR_SMALL), seed=11)
-        fast, ref = mtlface_fast.MTLFace(**CVPR_SMALL), reference.MTLFace(**CVPR_SMALL)
-        fast.load_state_dict(src.state_dict())
-        ref.load_state_dict(src.state_dict())
-    return arch, fast.eval(), ref.eval()
 
 
 def _x(b=3, seed=2):
