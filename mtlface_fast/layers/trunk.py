@@ -41,7 +41,7 @@ class FastBottleneckIR(FusedLayer, BottleneckIR):
         return "torch"  # the folded unit is plain PyTorch on every backend
 
     def describe_implementation(self) -> str:
-        return "torch (BatchNorm folded at inference" + ("; oneDNN packed weights on CPU fp32)" if onednn.available()
+        return "torch (BatchNorm folded at inference" + ("; oneDNN packed weights on CPU fp32)" if onednn.AVAILABLE
                                                          else ")")
 
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
